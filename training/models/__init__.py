@@ -1,0 +1,46 @@
+"""Forecasting architectures, listed in one explicit dict.
+
+Each entry pairs a config dataclass with its builder; ``build_model(name, lookback, horizon,
+**overrides)`` is the one way the rest of the code makes a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from training.models import mlp, patchtst
+from training.models.base import Forecaster
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config: type
+    build: Callable[[Any], Forecaster]
+    kind: str  # "student" or "teacher"
+
+
+MODELS: dict[str, ModelSpec] = {
+    "mlp": ModelSpec(mlp.MLPConfig, mlp.build, "student"),
+    "patchtst": ModelSpec(patchtst.PatchTSTConfig, patchtst.build, "teacher"),
+}
+
+
+def make_config(name: str, **values: Any) -> Any:
+    """Build a model's config, refusing keys the architecture does not have."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    cls = MODELS[name].config
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"model {name!r} has no setting(s) {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def build_model(name: str, **values: Any) -> Forecaster:
+    return MODELS[name].build(make_config(name, **values))
+
+
+__all__ = ["MODELS", "Forecaster", "ModelSpec", "build_model", "make_config"]

@@ -1,0 +1,161 @@
+"""Layers shared by several architectures (normalisation, decomposition, patching, attention)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class RevIN(nn.Module):
+    """Reversible instance normalisation (Kim et al., ICLR 2022), per window and channel.
+
+    Because statistics come from each input window, a model wrapped in RevIN is equivariant to a
+    per-channel affine map of its input: the same exported graph serves raw or z-scored values.
+    """
+
+    def __init__(self, affine: bool = True, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            # Shared across channels so the layer stays channel-independent (any channel count).
+            self.weight = nn.Parameter(torch.ones(1))
+            self.bias = nn.Parameter(torch.zeros(1))
+
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean = x.mean(dim=1, keepdim=True)  # [B, 1, C]
+        std = torch.sqrt(x.var(dim=1, keepdim=True, unbiased=False) + self.eps)  # [B, 1, C]
+        return mean, std
+
+    def normalize(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        x = (x - mean) / std
+        if self.affine:
+            x = x * self.weight + self.bias
+        return x
+
+    def denormalize(self, y: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        if self.affine:
+            y = (y - self.bias) / (self.weight + self.eps * self.eps)
+        return y * std + mean
+
+
+class MeanNorm(nn.Module):
+    """Subtract the window mean per channel (TimeDistill's default for ETT); no scaling."""
+
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean = x.mean(dim=1, keepdim=True)  # [B, 1, C]
+        return mean, torch.ones_like(mean)
+
+    def normalize(self, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        return x - mean
+
+    def denormalize(self, y: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        return y + mean
+
+
+def make_norm(kind: str) -> RevIN | MeanNorm:
+    if kind == "revin":
+        return RevIN(affine=True)
+    if kind == "revin-plain":
+        return RevIN(affine=False)
+    if kind == "mean":
+        return MeanNorm()
+    raise ValueError(f"unknown normalisation {kind!r} (revin, revin-plain, mean)")
+
+
+class SeriesDecomposition(nn.Module):
+    """Moving-average trend with replicate padding (Autoformer/DLinear); seasonal = x - trend."""
+
+    def __init__(self, kernel_size: int = 25) -> None:
+        super().__init__()
+        if kernel_size % 2 == 0:
+            raise ValueError("decomposition kernel must be odd so the trend stays aligned")
+        self.kernel_size = kernel_size
+        self.pool = nn.AvgPool1d(kernel_size, stride=1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pad = (self.kernel_size - 1) // 2
+        front = x[:, :1].expand(-1, pad, -1)  # [B, pad, C]
+        back = x[:, -1:].expand(-1, pad, -1)  # [B, pad, C]
+        padded = torch.cat([front, x, back], dim=1)  # [B, L + 2 pad, C]
+        trend = self.pool(padded.transpose(1, 2)).transpose(1, 2)  # [B, L, C]
+        return x - trend, trend
+
+
+def n_patches(lookback: int, patch_len: int, stride: int) -> int:
+    """Patches after PatchTST's end padding of ``stride`` values."""
+    return (lookback + stride - patch_len) // stride + 1
+
+
+class Patcher(nn.Module):
+    """Split each channel's window into overlapping patches, padding the end by repetition."""
+
+    def __init__(self, patch_len: int, stride: int) -> None:
+        super().__init__()
+        self.patch_len = patch_len
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [B*C, L]
+        x = torch.cat([x, x[:, -1:].expand(-1, self.stride)], dim=1)  # [B*C, L + S]
+        return x.unfold(1, self.patch_len, self.stride)  # [B*C, P, patch_len]
+
+
+class BatchNormTokens(nn.Module):
+    """BatchNorm over the model dimension for token sequences (PatchTST's choice over LayerNorm)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [N, T, D]
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)  # [N, T, D]
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm Transformer encoder layer with BatchNorm or LayerNorm."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, norm: str = "batch"):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.ff = nn.Sequential(
+            nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model)
+        )
+        self.drop = nn.Dropout(dropout)
+        make = BatchNormTokens if norm == "batch" else nn.LayerNorm
+        self.norm1 = make(d_model)
+        self.norm2 = make(d_model)
+
+    def forward(self, x: Tensor, memory: Tensor | None = None) -> Tensor:
+        # x: [N, T, D]; memory (cross-attention keys/values): [N, S, D]
+        kv = x if memory is None else memory
+        attn, _ = self.attn(x, kv, kv, need_weights=False)  # [N, T, D]
+        x = self.norm1(x + self.drop(attn))
+        return self.norm2(x + self.drop(self.ff(x)))  # [N, T, D]
+
+
+class Encoder(nn.Module):
+    def __init__(
+        self, d_model: int, n_heads: int, d_ff: int, n_layers: int, dropout: float, norm: str
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model, n_heads, d_ff, dropout, norm) for _ in range(n_layers)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = layer(x)  # [N, T, D]
+        return x
+
+
+def sinusoidal_positions(length: int, d_model: int) -> Tensor:
+    pos = torch.arange(length, dtype=torch.float32)[:, None]  # [T, 1]
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(1e4) / d_model))
+    pe = torch.zeros(length, d_model)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div[: d_model // 2])
+    return pe  # [T, D]
