@@ -21,6 +21,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 from training.config import build_run_config  # noqa: E402
 from training.engine import count_params  # noqa: E402
@@ -85,6 +86,15 @@ def supervised(model: str) -> Recipe:
 
 
 RECIPES: dict[str, Recipe] = {name: supervised(name) for name in MODELS}
+
+# Other recipe families (teachers, distilled students) live in their own modules beside this one,
+# each exposing ``RECIPES: dict[str, Recipe]`` with the record names the issues fix.
+for _module in ("accuracy_teachers", "accuracy_distill"):
+    try:
+        RECIPES.update(__import__(_module).RECIPES)
+    except ModuleNotFoundError as _exc:
+        if _exc.name != _module:
+            raise
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:

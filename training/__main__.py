@@ -7,6 +7,7 @@ last line printed to stdout is a JSON object with the result, so scripts can par
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -83,7 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(p)
     p.set_defaults(handler=cmd_train)
 
+    for module in CLI_MODULES:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:  # a real missing dependency, not a module yet to come
+                raise
+            continue
+        mod.add_cli(sub)
     return parser
+
+
+# Modules that add subcommands: each defines ``add_cli(subparsers)`` whose parsers set
+# ``handler=fn(args) -> dict`` (the dict is printed as the final JSON line).
+CLI_MODULES = (
+    "training.pretrain",  # pretrain, finetune
+    "training.distill",  # distill
+    "training.export",  # export
+    "training.pipeline",  # pipeline
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
