@@ -145,3 +145,23 @@ def test_cli_bad_data_exits_2_with_the_message(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 2 and "nothing.csv: file not found" in proc.stderr
+
+
+def test_load_forecaster_round_trip(tmp_path: Path, data) -> None:
+    from training.checkpoints import load_forecaster
+    from training.config import build_run_config
+    from training.train import run_train
+
+    cfg = build_run_config(
+        "mlp",
+        data={"dataset": "ETTh1", "lookback": 48, "horizon": 12},
+        model_settings={"hidden": 16},
+        train={"epochs": 1, "max_train_batches": 2, "progress": False},
+        out_dir=str(tmp_path),
+    )
+    result = run_train(cfg)
+    model, run = load_forecaster(tmp_path)
+    assert run["model"] == "mlp"
+    assert evaluate(model, data.splits["test"], data.scaler)["mse"] == pytest.approx(
+        result.test["mse"], rel=1e-6
+    )
