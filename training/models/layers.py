@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -159,3 +160,33 @@ def sinusoidal_positions(length: int, d_model: int) -> Tensor:
     pe[:, 0::2] = torch.sin(pos * div)
     pe[:, 1::2] = torch.cos(pos * div[: d_model // 2])
     return pe  # [T, D]
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """Momentum teacher: ``t <- decay * t + (1 - decay) * s`` for parameters; buffers copied.
+
+    Both modules must have the same structure (the teacher is a deep copy of the student).
+    """
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.lerp_(s.detach(), 1.0 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        t.copy_(s)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with gradients off: the starting point of a momentum (EMA) teacher."""
+    teacher = copy.deepcopy(module)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def front_pad(x: Tensor, length: int) -> Tensor:
+    """Repeat the first value of each row ``length`` times in front: ``[N, T] -> [N, T + length]``.
+
+    Used to make a window a whole number of patches (or of hierarchy units) without inventing values.
+    """
+    if length == 0:
+        return x
+    return torch.cat([x[:, :1].expand(-1, length), x], dim=1)  # [N, length + T]
