@@ -185,7 +185,7 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 def front_pad(x: Tensor, length: int) -> Tensor:
     """Repeat the first value of each row ``length`` times in front: ``[N, T] -> [N, T + length]``.
 
-    Used to make a window a whole number of patches (or of hierarchy units) without inventing values.
+    Makes a window a whole number of patches (or hierarchy units) without inventing values.
     """
     if length == 0:
         return x
