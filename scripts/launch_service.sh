@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Launch the forecasting service under uvicorn.
+#
+#   scripts/launch_service.sh
+#
+# Environment: PORT or DISTILCAST_PORT (default 8000), HOST or DISTILCAST_HOST (default 0.0.0.0),
+# WORKERS or DISTILCAST_WORKERS (default 1), PYTHON (default .venv/bin/python when present),
+# UVICORN_ARGS (extra flags), and every DISTILCAST_* setting (service/config.py). The registry
+# must hold a model (scripts/build_default_model.sh builds the default one).
+# Prometheus multiprocess mode is always on: every worker writes its metrics under
+# PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory unless given; emptied before start and,
+# when this script created it, removed on exit) and /metrics on any worker reports them all.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+PORT="${PORT:-${DISTILCAST_PORT:-8000}}"
+HOST="${HOST:-${DISTILCAST_HOST:-0.0.0.0}}"
+WORKERS="${WORKERS:-${DISTILCAST_WORKERS:-1}}"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+case "$WORKERS" in ''|*[!0-9]*|0) echo "WORKERS must be a positive integer" >&2; exit 2;; esac
+
+created_dir=""
+if [[ -z "${PROMETHEUS_MULTIPROC_DIR:-}" ]]; then
+    PROMETHEUS_MULTIPROC_DIR="$(mktemp -d -t distilcast-metrics.XXXXXX)"
+    created_dir="$PROMETHEUS_MULTIPROC_DIR"
+else
+    mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+    # Files left by an earlier run would be summed into this one's counters.
+    find "$PROMETHEUS_MULTIPROC_DIR" -maxdepth 1 -name '*.db' -delete
+fi
+export PROMETHEUS_MULTIPROC_DIR
+
+cleanup() {
+    if [[ -n "$created_dir" ]]; then rm -rf "$created_dir"; fi
+}
+trap cleanup EXIT
+
+# shellcheck disable=SC2086  # UVICORN_ARGS is a list of flags
+"$PYTHON" -m uvicorn service.app:app_factory --factory \
+    --host "$HOST" --port "$PORT" --workers "$WORKERS" \
+    --no-access-log --timeout-graceful-shutdown 15 ${UVICORN_ARGS:-} &
+server=$!
+signalled=""
+forward() { signalled=1; kill -TERM "$server" 2>/dev/null || true; }
+trap forward TERM INT
+status=0
+wait "$server" || status=$?
+if [[ -n "$signalled" ]]; then
+    # The trap interrupted the first wait; this one returns uvicorn's own exit status.
+    status=0
+    wait "$server" || status=$?
+fi
+exit "$status"

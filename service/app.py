@@ -1,0 +1,153 @@
+"""The FastAPI application: `create_app(settings)`; `app_factory()` for `uvicorn --factory`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from models_registry.registry import open_registry
+from service import metrics
+from service.api import errors
+from service.api.decode import Limits
+from service.api.deps import Services
+from service.api.routes import forecast, health, models
+from service.api.schemas import request_schemas
+from service.config import Settings, get_settings
+from service.core.engine import EngineOptions
+from service.core.pool import ModelPool, PoolOptions
+from service.core.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def _pool_options(s: Settings) -> PoolOptions:
+    return PoolOptions(
+        engine=EngineOptions(
+            providers=tuple(s.providers),
+            intra_threads=s.ort_intra_threads,
+            inter_threads=s.ort_inter_threads,
+        ),
+        batch_max_size=s.batch_max_size,
+        batch_max_delay_s=s.batch_max_delay_ms / 1000.0,
+        batch_max_queue=s.batch_max_queue,
+        inline_max_s=s.inline_max_ms / 1000.0,
+        models=tuple(s.models),
+    )
+
+
+async def _refresh_loop(services: Services, interval: float) -> None:
+    """Catch what events do not carry (a new latest version, a failed load to retry) and export
+    the registry cache counters."""
+    assert services.pool is not None and services.registry is not None
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await services.pool.refresh()
+        except Exception:
+            log.exception("periodic registry refresh failed")
+        metrics.sync_cache_stats(services.registry.stats.as_dict())
+        metrics.REGISTRY_CACHE_UP.set(1 if services.registry.cache.available else 0)
+
+
+async def _drain(services: Services, timeout: float) -> None:
+    services.draining = True
+    deadline = time.monotonic() + timeout
+    while services.load.value > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    services = Services(
+        settings, Limits(settings.max_series_per_request, settings.max_points_per_request)
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = open_registry(str(settings.registry_root), settings.redis_url,
+                                 settings.redis_prefix)
+        executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ort")
+        pool = ModelPool(registry, _pool_options(settings), executor=executor,
+                         load_hint=services.load.get)
+        predictor = Predictor(
+            pool,
+            default_model=settings.default_model,
+            default_deadline_ms=settings.default_deadline_ms,
+            shadow_fraction=settings.shadow_fraction,
+            load=services.load,
+        )
+        registry.subscribe(pool.on_alias_event)
+        refresher: asyncio.Task[None] | None = None
+        try:
+            # Listen first: a promotion made while the models load is then not missed.
+            await registry.start()
+            await pool.start()
+            services.registry, services.pool, services.predictor = registry, pool, predictor
+            if settings.alias_refresh_s > 0:
+                refresher = asyncio.create_task(_refresh_loop(services, settings.alias_refresh_s))
+            metrics.REGISTRY_CACHE_UP.set(1 if registry.cache.available else 0)
+            # Start-up objects (modules, sessions, manifests) live as long as the process: keep
+            # them out of the collector's full passes, which large requests otherwise trigger.
+            gc.freeze()
+            log.info("serving %s from %s (cache: %s)", pool.names(), settings.registry_root,
+                     "redis" if settings.redis_url else "in-process")
+            yield
+        finally:
+            await _drain(services, settings.drain_timeout_s)
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
+            await predictor.close()
+            await pool.close(settings.drain_timeout_s)
+            await registry.close()
+            executor.shutdown(wait=False, cancel_futures=True)
+            metrics.mark_process_dead(os.getpid())
+
+    app = FastAPI(
+        title="Distilcast",
+        version="0.1.0",
+        summary="Long-horizon forecasts: distilled MLP students (fast) and their teacher "
+        "ensembles (accurate), served with ONNX Runtime.",
+        lifespan=lifespan,
+        # FastAPI's OpenTelemetry hooks check the global providers on every request (~10-30 us
+        # here); the service exports Prometheus metrics itself. DISTILCAST_OTEL=true restores them.
+        telemetry=None if settings.otel else {"tracing": False, "metrics": False, "logs": False},
+    )
+    app.state.services = services
+    errors.install(app)
+    handlers = forecast.ForecastHandlers(services)
+    app.include_router(forecast.build_router(handlers))
+    app.include_router(models.build_router(services))
+    app.include_router(health.build_router(services))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                                 routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                request_schemas()
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    if settings.fast_path:
+        app.add_middleware(forecast.HotPaths, handlers=handlers)
+    return app
+
+
+def app_factory() -> FastAPI:
+    """`uvicorn service.app:app_factory --factory`: settings from the environment."""
+    return create_app(get_settings())

@@ -1,0 +1,111 @@
+"""Service settings: one pydantic-settings model, read from `DISTILCAST_*` environment variables.
+
+Built by `create_app()` (or the cached `get_settings()`), never at import time, so tests and the
+benchmark can build apps with different settings in one process.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Provider = Literal["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told. Bad values fail at start-up, not on the first request."""
+
+    model_config = SettingsConfigDict(env_prefix="DISTILCAST_", extra="ignore", frozen=True)
+
+    # Registry and cache.
+    registry_root: Path = Path("./var/registry")
+    redis_url: str | None = Field(
+        default=None, description="None: the embedded in-process cache (single replica)."
+    )
+    redis_prefix: str = "distilcast:"
+    default_model: str | None = Field(
+        default=None, description="Served when a request names no model; None: the only student."
+    )
+    models: tuple[str, ...] = Field(
+        default=(), description="Student names to load at start-up; empty: every student found."
+    )
+    alias_refresh_s: Annotated[float, Field(ge=0)] = Field(
+        default=30.0, description="Re-read aliases/versions this often (0: only on events)."
+    )
+
+    # Admin.
+    admin_token: str | None = Field(default=None, description="None: admin routes answer 403.")
+
+    # Dynamic batcher.
+    batch_max_size: Annotated[int, Field(ge=1, le=65536)] = 1024
+    batch_max_delay_ms: Annotated[float, Field(ge=0, le=1000)] = 1.0
+    batch_max_queue: Annotated[int, Field(ge=1)] = 256
+    inline_max_ms: Annotated[float, Field(ge=0)] = Field(
+        default=2.0,
+        description="Session calls predicted shorter than this run on the event loop thread "
+        "(a thread hop costs more than a tiny inference); longer ones run in a worker thread.",
+    )
+
+    # Requests.
+    default_deadline_ms: Annotated[float, Field(gt=0)] = 50.0
+    max_series_per_request: Annotated[int, Field(ge=1)] = 10_000
+    max_points_per_request: Annotated[int, Field(ge=1)] = Field(
+        default=8_000_000, description="Total input values (time steps x channels) in one request."
+    )
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 10.0
+    otel: bool = Field(
+        default=False, description="Let FastAPI emit OpenTelemetry spans/metrics when configured."
+    )
+    fast_path: bool = Field(
+        default=True,
+        description="Serve POST /v1/forecast[/batch] from an ASGI front door ahead of FastAPI's "
+        "per-request machinery (same handlers; False routes them through FastAPI).",
+    )
+
+    # Shadow distillation gap.
+    shadow_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+
+    # ONNX Runtime.
+    ort_intra_threads: Annotated[int, Field(ge=0)] = Field(
+        default=1, description="0 lets ONNX Runtime pick (one thread per core)."
+    )
+    ort_inter_threads: Annotated[int, Field(ge=0)] = 1
+    providers: tuple[Provider, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+    @field_validator("providers")
+    @classmethod
+    def _providers_valid(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one execution provider is needed")
+        if len(set(value)) != len(value):
+            raise ValueError("providers must not repeat")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_length(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if len(value) < 16:
+            raise ValueError("admin_token must be at least 16 characters")
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings from the environment (cached after the first call)."""
+    return Settings()

@@ -1,0 +1,333 @@
+"""The forecasting core: resolve the model for a mode, validate windows, run, add intervals/time.
+
+No HTTP here: requests come in as `ForecastRequest` (numpy windows already decoded) and leave as
+`ForecastResult`; every refusal is a `ServiceError` naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from models_registry.errors import RegistryError
+from models_registry.store import parse_ref
+from service import metrics
+from service.core.batcher import Timing
+from service.core.errors import InvalidInput, ModelNotFound, ServiceError
+from service.core.intervals import window_scale
+from service.core.models import ServedModel
+from service.core.pool import ModelPool
+from service.core.timeaxis import TimeAxis, from_start, from_timestamps
+from service.core.types import (
+    ForecastRequest,
+    ForecastResult,
+    SeriesFailure,
+    SeriesForecast,
+    SeriesInput,
+)
+
+log = logging.getLogger(__name__)
+
+SHADOW_MAX_ROWS = 64
+SHADOW_MAX_TASKS = 4
+
+
+class LoadCounter:
+    """Requests in flight in this process (the HTTP layer counts; the batcher reads it)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def get(self) -> int:
+        return self.value
+
+
+@lru_cache(maxsize=1024)
+def _parse_model(ref: str) -> tuple[str, str | int | None]:
+    return parse_ref(ref)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    index: int
+    window: np.ndarray  # [L, C]
+    univariate: bool
+    axis: TimeAxis | None
+
+
+class Predictor:
+    def __init__(
+        self,
+        pool: ModelPool,
+        *,
+        default_model: str | None = None,
+        default_deadline_ms: float = 50.0,
+        shadow_fraction: float = 0.0,
+        load: LoadCounter | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.pool = pool
+        self.default_model = default_model
+        self.default_deadline_ms = default_deadline_ms
+        self.shadow_fraction = shadow_fraction
+        self.load = load or LoadCounter()
+        self._rng = random.Random(seed)
+        self._shadows: set[asyncio.Task[None]] = set()
+
+    # -- model resolution ------------------------------------------------------------------------
+
+    def _model_ref(self, model: str | None) -> tuple[str, str | int | None]:
+        ref = model or self.default_model or self.pool.default_name()
+        if ref is None:
+            raise InvalidInput("model is required (this replica serves several)", field="model")
+        try:
+            return _parse_model(ref)
+        except RegistryError as exc:
+            raise InvalidInput(str(exc), field="model") from None
+
+    async def _group_for_version(self, student: tuple[str, int]) -> tuple[str, int]:
+        """The ensemble a student version was distilled from (its manifest's `teachers`)."""
+        manifest = await self.pool.manifest(student)
+        refs = {(t.name, t.version) for t in manifest.teachers}
+        for ref in refs:
+            if self.pool.kind(ref[0]) == "ensemble":
+                return ref
+        group = self.pool.group_of(student[0])
+        state = self.pool.state(group) if group else None
+        if group and state and refs:
+            for version in sorted(state.versions, reverse=True):
+                members = (await self.pool.manifest((group, version))).members
+                if {(m.name, m.version) for m in members} == refs:
+                    return group, version
+        raise ModelNotFound(
+            f"{student[0]}@{student[1]} records no teacher ensemble in this registry",
+            field="model",
+        )
+
+    async def _choose(self, req: ForecastRequest, rows: int) -> ServedModel:
+        name, selector = self._model_ref(req.model)
+        pool = self.pool
+        kind = pool.kind(name)
+        if kind is None:
+            raise ModelNotFound(f"unknown model {name!r}", field="model")
+        if kind == "ensemble":
+            if req.mode == "fast":
+                raise InvalidInput(
+                    f"{name} is a teacher ensemble: use mode accurate or auto, or name the student",
+                    field="mode",
+                )
+            return await pool.obtain(await pool.resolve(name, selector))
+        if req.mode == "fast":
+            return await pool.obtain(await pool.resolve(name, selector))
+        group = pool.group_of(name)
+        if req.mode == "accurate":
+            if isinstance(selector, int):
+                key = await self._group_for_version(await pool.resolve(name, selector))
+            elif group is None:
+                raise ModelNotFound(f"{name} has no teacher ensemble ({name}-ensemble)",
+                                    field="model")
+            else:
+                key = await pool.resolve(group, selector)
+            return await pool.obtain(key)
+        # auto: accurate when its predicted queue wait + compute fits the budget, else fast.
+        fast = await pool.obtain(await pool.resolve(name, selector))
+        accurate: ServedModel | None = None
+        try:
+            if isinstance(selector, int):
+                accurate = await pool.obtain(await self._group_for_version((name, selector)))
+            elif group is not None:
+                accurate = await pool.obtain(await pool.resolve(group, selector))
+        except ServiceError:
+            accurate = None
+        if accurate is None or (req.levels and accurate.calibration is None):
+            return fast
+        budget = req.deadline_ms if req.deadline_ms is not None else self.default_deadline_ms
+        predicted_ms = accurate.batcher.predicted_latency_s(rows) * 1000.0
+        return accurate if predicted_ms <= budget else fast
+
+    # -- validation ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_horizon(req: ForecastRequest, served: ServedModel) -> int:
+        if req.horizon is None:
+            return served.horizon
+        if req.horizon > served.horizon:
+            raise InvalidInput(
+                f"horizon {req.horizon} is above the model's {served.horizon}", field="horizon"
+            )
+        return req.horizon
+
+    @staticmethod
+    def _check_levels(req: ForecastRequest, served: ServedModel, horizon: int) -> list[int]:
+        if not req.levels:
+            return []
+        if served.calibration is None:
+            raise InvalidInput(f"{served.label} has no calibration for intervals", field="level")
+        return served.calibration.check_levels(req.levels, horizon)
+
+    @staticmethod
+    def _prepare(index: int, s: SeriesInput, served: ServedModel) -> _Prepared:
+        n, channels = s.values.shape
+        if served.channels is not None and channels != served.channels:
+            raise InvalidInput(
+                f"{channels} channels, {served.label} expects {served.channels}",
+                field=s.at("values"),
+            )
+        if n < served.lookback:
+            raise InvalidInput(
+                f"{n} points, {served.label} needs at least its lookback {served.lookback}",
+                field=s.at("values"),
+            )
+        axis: TimeAxis | None = None
+        if s.timestamps is not None:
+            axis = from_timestamps(s.timestamps, n, s.at("timestamps"))
+        elif s.start is not None or s.freq is not None:
+            if s.start is None or s.freq is None:
+                missing = "start" if s.start is None else "freq"
+                raise InvalidInput("start and freq go together", field=s.at(missing))
+            axis = from_start(s.start, s.freq, n, s.at("start"), s.at("freq"))
+        return _Prepared(index, s.values[n - served.lookback :], s.univariate, axis)
+
+    # -- the request -----------------------------------------------------------------------------
+
+    async def forecast(self, req: ForecastRequest, *, partial: bool = False) -> ForecastResult:
+        """Forecast every series. `partial`: a bad series becomes a failure entry (batch);
+        otherwise the first bad series fails the request."""
+        valid = sum(1 for s in req.series if isinstance(s, SeriesInput))
+        served = await self._choose(req, valid)
+        with served.use():
+            horizon = self._check_horizon(req, served)
+            level_rows = self._check_levels(req, served, horizon)
+            results: list[SeriesForecast | SeriesFailure | None] = [None] * len(req.series)
+            groups: dict[int, list[_Prepared]] = {}
+            for i, s in enumerate(req.series):
+                if isinstance(s, SeriesFailure):
+                    if not partial:
+                        raise s.error
+                    results[i] = s
+                    continue
+                try:
+                    p = self._prepare(i, s, served)
+                except ServiceError as exc:
+                    if not partial:
+                        raise
+                    results[i] = SeriesFailure(s.id, exc)
+                    continue
+                groups.setdefault(p.window.shape[1], []).append(p)
+            batches = [
+                (g, g[0].window[None] if len(g) == 1 else np.stack([p.window for p in g]))
+                for g in groups.values()
+            ]
+            if not batches:  # every series failed validation
+                outs = []
+            elif len(batches) == 1:
+                outs = [await served.batcher.submit(batches[0][1])]
+            else:
+                outs = list(await asyncio.gather(*(served.batcher.submit(x) for _, x in batches)))
+        queue_s = compute_s = 0.0
+        for (group, x), (y, timing) in zip(batches, outs, strict=True):
+            self._finish(req, served, group, x, y, horizon, level_rows, results)
+            queue_s, compute_s = self._worst(timing, queue_s, compute_s)
+            if served.kind != "ensemble" and self.shadow_fraction > 0:
+                self._maybe_shadow(served, x, y)
+        return ForecastResult(
+            model=served.name,
+            version=served.version,
+            mode="accurate" if served.kind == "ensemble" else "fast",
+            provider=served.provider,
+            horizon=horizon,
+            results=results,  # type: ignore[arg-type]  # every slot is filled by now
+            queue_ms=queue_s * 1000.0,
+            inference_ms=compute_s * 1000.0,
+        )
+
+    @staticmethod
+    def _worst(timing: Timing, queue_s: float, compute_s: float) -> tuple[float, float]:
+        return max(queue_s, timing.queue_s), max(compute_s, timing.compute_s)
+
+    def _finish(
+        self,
+        req: ForecastRequest,
+        served: ServedModel,
+        group: list[_Prepared],
+        x: np.ndarray,
+        y: np.ndarray,
+        horizon: int,
+        level_rows: list[int],
+        results: list[SeriesForecast | SeriesFailure | None],
+    ) -> None:
+        yh = y[:, :horizon]  # [B, h, C]
+        bands = []
+        if level_rows:
+            assert served.calibration is not None
+            bands = served.calibration.bands(yh, window_scale(x), level_rows)
+        labels = [f"{level:g}" for level in req.levels]
+        for b, p in enumerate(group):
+            s = req.series[p.index]
+            assert isinstance(s, SeriesInput)
+            values = yh[b, :, 0] if p.univariate else yh[b]
+            intervals = None
+            if bands:
+                intervals = {
+                    label: (lo[b, :, 0], hi[b, :, 0]) if p.univariate else (lo[b], hi[b])
+                    for label, (lo, hi) in zip(labels, bands, strict=True)
+                }
+            results[p.index] = SeriesForecast(
+                s.id,
+                values,
+                p.axis.future(horizon) if p.axis is not None else None,
+                intervals,
+            )
+
+    # -- shadow distillation gap -----------------------------------------------------------------
+
+    def _maybe_shadow(self, student: ServedModel, x: np.ndarray, y: np.ndarray) -> None:
+        if self._rng.random() >= self.shadow_fraction:
+            return
+        group = self.pool.group_of(student.name)
+        if group is None:
+            return
+        try:
+            ensemble = self.pool.get(self.pool.lookup(group, None))
+        except ServiceError:
+            return
+        if ensemble is None or len(self._shadows) >= SHADOW_MAX_TASKS:
+            return
+        if ensemble.batcher.queue_len * 2 >= ensemble.batcher.max_queue:
+            return  # never let the shadow traffic crowd out real requests
+        x, y = x[:SHADOW_MAX_ROWS], y[:SHADOW_MAX_ROWS]
+        task = asyncio.create_task(self._shadow(student.name, ensemble, x, y))
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
+
+    async def _shadow(
+        self, model: str, ensemble: ServedModel, x: np.ndarray, y: np.ndarray
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            with ensemble.use():
+                # A worker thread, never the event loop: teachers can take milliseconds.
+                ye = await loop.run_in_executor(self.pool.executor, ensemble.run, x)
+        except Exception:
+            log.warning("shadow run on %s failed", ensemble.label, exc_info=True)
+            return
+        if ye.shape != y.shape:
+            return
+        scale = window_scale(x)[:, None, :]  # [B, 1, C]
+        gaps = (np.abs(y - ye) / scale).mean(axis=(1, 2))
+        hist = metrics.SHADOW_GAP.labels(model)
+        for gap in gaps.tolist():
+            hist.observe(gap)
+
+    async def close(self) -> None:
+        for task in list(self._shadows):
+            task.cancel()
+        if self._shadows:
+            await asyncio.wait(set(self._shadows), timeout=1.0)

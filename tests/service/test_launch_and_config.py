@@ -1,0 +1,102 @@
+"""The launch script (workers + Prometheus multiprocess mode) and the settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from service.config import Settings, get_settings
+from tests.service.conftest import NAME, window
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_launch_script_workers_aggregate_metrics(registry_root: Path, tmp_path: Path) -> None:
+    port = free_port()
+    metrics_dir = tmp_path / "prom"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # must be cleaned at start
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "WORKERS": "2",
+           "PYTHON": sys.executable, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+           "DISTILCAST_REGISTRY_ROOT": str(registry_root), "DISTILCAST_SHADOW_FRACTION": "0"}
+    env.pop("DISTILCAST_REDIS_URL", None)
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "launch_service.sh")], env=env,
+                            cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "service did not start"
+            time.sleep(0.2)
+        n = 30
+        for _ in range(n):  # a new connection each: the kernel spreads them over the workers
+            r = httpx.post(f"{url}/v1/forecast", json={"model": NAME, "series": [
+                {"id": "a", "values": window()}]}, timeout=10)
+            assert r.status_code == 200
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        count = sum(float(line.split()[-1]) for line in text.splitlines()
+                    if line.startswith("distilcast_request_duration_seconds_count")
+                    and 'route="/v1/forecast"' in line)
+        assert count == n
+        assert not (metrics_dir / "counter_999999.db").exists()
+        pids = {p.stem.rsplit("_", 1)[-1] for p in metrics_dir.glob("histogram_*.db")}
+        assert len(pids) == 2, pids  # both workers wrote their own files
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)  # the script forwards it to uvicorn
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISTILCAST_BATCH_MAX_SIZE", "64")
+    monkeypatch.setenv("DISTILCAST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    monkeypatch.setenv("DISTILCAST_PROVIDERS", '["CPUExecutionProvider"]')
+    s = Settings()
+    assert s.batch_max_size == 64 and s.redis_url == "redis://127.0.0.1:6379/15"
+    assert s.providers == ("CPUExecutionProvider",)
+    assert Settings(redis_url="").redis_url is None  # empty: the embedded cache
+
+
+@pytest.mark.parametrize("bad", [
+    {"batch_max_size": 0}, {"batch_max_queue": 0}, {"shadow_fraction": 1.5},
+    {"redis_url": "http://localhost"}, {"admin_token": "short"}, {"providers": ["Bogus"]},
+    {"providers": []}, {"default_deadline_ms": 0}, {"max_body_bytes": 10},
+])
+def test_bad_settings_fail_fast(bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**bad)  # type: ignore[arg-type]
+
+
+def test_settings_are_not_read_at_import() -> None:
+    code = ("import service.app, service.config as c; "
+            "assert c.get_settings.cache_info().currsize == 0; "
+            "c.get_settings()")
+    env = {**os.environ, "DISTILCAST_BATCH_MAX_SIZE": "0"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and "batch_max_size" in r.stderr  # fails at get_settings()
+    get_settings.cache_clear()
