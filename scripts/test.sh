@@ -28,6 +28,13 @@ if ! redis_ping; then
     fi
 fi
 
+# The dashboard test scrapes the service with a real Prometheus (Debian's package).
+if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test: installing Debian's prometheus package for the dashboard test" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 .venv/bin/ruff check .
 .venv/bin/mypy
 .venv/bin/pytest "$@"

@@ -96,6 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.registry, services.pool, services.predictor = registry, pool, predictor
             if settings.alias_refresh_s > 0:
                 refresher = asyncio.create_task(_refresh_loop(services, settings.alias_refresh_s))
+            metrics.init_series()
+            metrics.sync_cache_stats(registry.stats.as_dict())
             metrics.REGISTRY_CACHE_UP.set(1 if registry.cache.available else 0)
             # Start-up objects (modules, sessions, manifests) live as long as the process: keep
             # them out of the collector's full passes, which large requests otherwise trigger.

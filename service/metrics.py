@@ -96,12 +96,18 @@ SHADOW_GAP = Histogram(
 )
 
 _cache_seen: dict[str, int] = {}
+_CACHE_RESULTS = ("hit", "miss", "error", "fallback")
+
+
+def init_series() -> None:
+    """Create the labelled cache series at zero, so ratios and rates read 0 rather than no data."""
+    for result in _CACHE_RESULTS:
+        REGISTRY_CACHE.labels(result)
 
 
 def sync_cache_stats(stats: Mapping[str, int]) -> None:
     """Turn the registry's cumulative cache counters into counter increments (delta since last)."""
-    for key, label in (("hits", "hit"), ("misses", "miss"), ("errors", "error"),
-                       ("fallbacks", "fallback")):
+    for key, label in zip(("hits", "misses", "errors", "fallbacks"), _CACHE_RESULTS, strict=True):
         value = int(stats.get(key, 0))
         delta = value - _cache_seen.get(key, 0)
         if delta > 0:
