@@ -1,0 +1,305 @@
+"""Series per second of the fast path: the Ray Data batch job against POST /v1/forecast/batch.
+
+    python bench/batch_scale.py [--registry var/registry] [--model etth1-h96] [--series 100000]
+
+One run, same series for every case (univariate windows of exactly the model's lookback, cut
+from ETTh1 at random offsets and channels, with their real hourly timestamps):
+
+  ray_1_actor   python -m service.batch_job's pipeline on a local Ray, one scoring actor:
+                Parquet (long layout) in -> co-locate by id -> windows -> score -> Parquet out
+  ray_2_actors  the same with two actors
+  batch_endpoint  the service under uvicorn (one process), a client posting columnar msgpack
+                bodies (float32 bins, starts + freq, so the answer has timestamps too) of
+                --chunk series from --clients threads; answers decoded to arrays
+
+`seconds` is wall time from the input to the forecasts: the job's from calling it (Ray already
+started: its start-up is recorded apart as ray_init_s) to the Parquet written; the endpoint's from
+the first request to the last answer. The job's forecasts are checked against the endpoint's
+(`identical`). Writes bench/results/batch_scale.json and batch_scale.md (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models_registry.store import FilesystemStore  # noqa: E402
+from service.batch import JobError  # noqa: E402
+from service.batch.target import Target, pin_model  # noqa: E402
+
+ETTH1 = ROOT / "data" / "ETTh1.csv"
+CHANNELS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+
+
+def load_model(registry: Path, model: str) -> Target:
+    if not registry.is_dir():
+        sys.exit(f"no registry at {registry}: build the default model first with "
+                 "`python -m training pipeline --quick` (writes ./var/registry)")
+    try:
+        return pin_model(FilesystemStore(registry), model, "fast")
+    except JobError as exc:
+        sys.exit(f"{exc}\n(the default model comes from `python -m training pipeline --quick`)")
+
+
+def make_series(n: int, lookback: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n windows [n, L] float64 and their timestamps [n, L] (datetime64[s])."""
+    table = pacsv.read_csv(ETTH1, convert_options=pacsv.ConvertOptions(
+        column_types={"date": pa.timestamp("s")}))
+    data = np.stack([table[c].to_numpy() for c in CHANNELS])  # [7, T]
+    dates = table["date"].to_numpy()  # [T]
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, data.shape[1] - lookback, n)
+    channels = rng.integers(0, len(CHANNELS), n)
+    rows = starts[:, None] + np.arange(lookback)  # [n, L]
+    return data[channels[:, None], rows], dates[rows]
+
+
+def write_input(path: Path, values: np.ndarray, stamps: np.ndarray) -> list[str]:
+    n, lookback = values.shape
+    ids = [f"s{i:07d}" for i in range(n)]
+    id_array = pa.DictionaryArray.from_arrays(
+        pa.array(np.repeat(np.arange(n, dtype=np.int32), lookback)), pa.array(ids)
+    ).cast(pa.string())
+    table = pa.table({"unique_id": id_array,
+                      "ds": pa.array(stamps.reshape(-1), pa.timestamp("s")),
+                      "y": values.reshape(-1)})
+    pq.write_table(table, path, row_group_size=1_000_000)
+    return ids
+
+
+# -- the job --------------------------------------------------------------------------------------
+
+
+def run_ray_cases(args: argparse.Namespace, src: Path, work: Path, series: int
+                  ) -> tuple[list[dict[str, Any]], dict[int, Path], float]:
+    import ray
+
+    from service.batch.job import JobConfig, plan_job, run_job
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=args.ray_cpus or max(os.cpu_count() or 1, 3), include_dashboard=False,
+             log_to_driver=False)
+    ray_init_s = time.perf_counter() - t0
+    records: list[dict[str, Any]] = []
+    outputs: dict[int, Path] = {}
+    try:
+        # Warm-up on a slice (not recorded): worker processes, imports, the first shuffle.
+        warm = work / "warm.parquet"
+        pq.write_table(pq.read_table(src).slice(0, min(series, 1000) * args.lookback), warm)
+        plan = plan_job(JobConfig(model=args.model, mode="fast", input=str(warm),
+                                  output=str(work / "warm-out"), registry=str(args.registry),
+                                  actors=2, progress=False))
+        run_job(plan)
+        for actors in (1, 2):
+            out = work / f"ray-{actors}"
+            plan = plan_job(JobConfig(model=args.model, mode="fast", input=str(src),
+                                      output=str(out), registry=str(args.registry),
+                                      actors=actors, batch_size=args.batch_size,
+                                      progress=False))
+            t0 = time.perf_counter()
+            summary = run_job(plan)
+            seconds = time.perf_counter() - t0
+            assert summary.failed == 0, f"{summary.failed} series failed"
+            records.append(record("ray_1_actor" if actors == 1 else "ray_2_actors", series,
+                                  seconds, actors=actors, pipeline_s=round(summary.seconds, 3)))
+            outputs[actors] = out
+            print(json.dumps(records[-1]), flush=True)
+    finally:
+        ray.shutdown()
+    return records, outputs, ray_init_s
+
+
+# -- the endpoint ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(registry: Path, model: str, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTILCAST_REGISTRY_ROOT": str(registry),
+           "DISTILCAST_SHADOW_FRACTION": "0", "DISTILCAST_DEFAULT_MODEL": model,
+           "DISTILCAST_ALIAS_REFRESH_S": "0"}
+    env.pop("DISTILCAST_REDIS_URL", None)
+    cmd = [sys.executable, "-m", "uvicorn", "service.app:app_factory", "--factory", "--host",
+           "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError("the service did not become ready")
+
+
+def run_endpoint(args: argparse.Namespace, ids: list[str], values: np.ndarray,
+                 stamps: np.ndarray, horizon: int) -> tuple[dict[str, Any], np.ndarray]:
+    import httpx
+
+    n = len(ids)
+    starts = [datetime.fromisoformat(str(s)).isoformat() for s in stamps[:, 0].astype("M8[s]")]
+    x = values.astype("<f4")
+    bodies = []
+    for a in range(0, n, args.chunk):
+        b = min(n, a + args.chunk)
+        bodies.append((a, msgspec.msgpack.encode({
+            "model": args.model, "mode": "fast", "ids": ids[a:b],
+            "sizes": [values.shape[1]] * (b - a), "values": x[a:b].tobytes(),
+            "starts": starts[a:b], "freq": "h"})))
+    port = free_port()
+    server = start_server(args.registry, args.model, port)
+    url = f"http://127.0.0.1:{port}/v1/forecast/batch"
+    headers = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+    forecasts = np.zeros((n, horizon), np.float32)
+
+    def post(item: tuple[int, bytes], client: httpx.Client) -> None:
+        a, body = item
+        r = client.post(url, content=body, headers=headers)
+        r.raise_for_status()
+        for i, f in enumerate(msgspec.msgpack.decode(r.content)["forecasts"]):
+            forecasts[a + i] = np.frombuffer(f["values"], "<f4")
+
+    try:
+        clients = [httpx.Client(timeout=300) for _ in range(args.clients)]
+        post(bodies[0], clients[0])  # warm-up (not recorded)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            futures = [pool.submit(post, item, clients[k % args.clients])
+                       for k, item in enumerate(bodies)]
+            for f in futures:
+                f.result()
+        seconds = time.perf_counter() - t0
+        for c in clients:
+            c.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    rec = record("batch_endpoint", n, seconds, clients=args.clients, chunk=args.chunk)
+    print(json.dumps(rec), flush=True)
+    return rec, forecasts
+
+
+# -- results --------------------------------------------------------------------------------------
+
+
+def record(case: str, series: int, seconds: float, **extra: Any) -> dict[str, Any]:
+    return {"case": case, "series": series, "seconds": round(seconds, 3),
+            "series_per_s": round(series / seconds, 1), **extra}
+
+
+def job_forecasts(out: Path, n: int, horizon: int) -> np.ndarray:
+    table = pq.read_table(out, columns=["unique_id", "ds", "y"])
+    table = table.sort_by([("unique_id", "ascending"), ("ds", "ascending")])
+    return table["y"].to_numpy().reshape(n, horizon)
+
+
+def write_md(path: Path, records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    lines = [
+        "# Batch scoring: Ray Data job vs the batch endpoint",
+        "",
+        f"Model `{meta['model']}` (fast path, lookback {meta['lookback']}, horizon "
+        f"{meta['horizon']}); {meta['series']} univariate ETTh1 windows; {meta['machine']}; "
+        f"load average at start {meta['load_average']}. Local Ray with {meta['ray_cpus']} "
+        f"logical CPUs (start-up {meta['ray_init_s']} s, not counted). Forecasts identical "
+        f"between the job and the endpoint: {meta['identical']}.",
+        "",
+        "| case | series | seconds | series/s |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r['case']} | {r['series']} | {r['seconds']:.2f} | {r['series_per_s']:.0f} |"
+              for r in records]
+    lines += ["", f"`python bench/batch_scale.py --registry {meta['registry']} --model "
+              f"{meta['model_arg']} --series {meta['series']}`", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--registry", type=Path, default=ROOT / "var" / "registry")
+    p.add_argument("--model", default="etth1-h96")
+    p.add_argument("--series", type=int, default=100_000)
+    p.add_argument("--batch-size", type=int, default=4096, help="series per actor call")
+    p.add_argument("--chunk", type=int, default=10_000, help="series per endpoint request")
+    p.add_argument("--clients", type=int, default=2, help="concurrent endpoint clients")
+    p.add_argument("--ray-cpus", type=int, help="logical CPUs of the local Ray (default: >= 3)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = p.parse_args()
+
+    target = load_model(args.registry, args.model)
+    m = target.manifest
+    args.lookback = m.lookback
+    fixture = bool(m.config.get("fixture")) or m.code_version == "fixture"
+    if fixture and args.out.resolve() == (ROOT / "bench" / "results").resolve():
+        sys.exit("this registry holds a test fixture model: pass --out elsewhere "
+                 "(fixture numbers are not results)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    work = Path(tempfile.mkdtemp(prefix="batch-scale-"))
+    try:
+        values, stamps = make_series(args.series, m.lookback)
+        src = work / "series.parquet"
+        ids = write_input(src, values, stamps)
+        endpoint, expected = run_endpoint(args, ids, values, stamps, m.horizon)
+        records, outputs, ray_init_s = run_ray_cases(args, src, work, args.series)
+        identical = all(
+            np.array_equal(job_forecasts(out, args.series, m.horizon), expected)
+            for out in outputs.values()
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    records.append(endpoint)
+    meta = {
+        "model": target.label,
+        "model_arg": args.model,
+        "registry": str(args.registry),
+        "fixture_model": fixture,
+        "lookback": m.lookback,
+        "horizon": m.horizon,
+        "series": args.series,
+        "batch_size": args.batch_size,
+        "ray_cpus": args.ray_cpus or max(os.cpu_count() or 1, 3),
+        "ray_init_s": round(ray_init_s, 2),
+        "identical": identical,
+        "load_average": round(load, 2) if load is not None else None,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
+        "date": datetime.now().isoformat(timespec="seconds"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "batch_scale.json").write_text(
+        json.dumps({"meta": meta, "records": records}, indent=2) + "\n")
+    write_md(args.out / "batch_scale.md", records, meta)
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Scoring windows inside Ray Data actors with the service's own inference core.
+
+Each actor builds the service's `ModelPool` over a `PinnedRegistry` (so it loads exactly the
+pinned version: one ONNX Runtime session, or one per ensemble member) and a `Predictor`, and sends
+every batch of windows through `Predictor.forecast(..., partial=True)`: the same window checks
+(lookback, channel count), the same session call, ensemble mean and conformal intervals as
+POST /v1/forecast/batch. Only the time axis is computed here, vectorised (last + k * step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from models_registry.store import FilesystemStore
+from service.batch.inputs import DS, ID, time_storage
+from service.batch.target import JobMode, PinnedRegistry
+from service.core.engine import EngineOptions
+from service.core.errors import InvalidInput
+from service.core.pool import ModelPool, PoolOptions
+from service.core.predictor import Predictor
+from service.core.types import ForecastRequest, SeriesFailure, SeriesForecast, SeriesInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreSpec:
+    """What every actor needs to know (small and picklable: it travels to each actor)."""
+
+    registry_root: str
+    name: str
+    version: int
+    mode: JobMode
+    horizon: int
+    levels: tuple[float, ...]
+    channels: tuple[str, ...]
+    id_type: pa.DataType
+    time_type: pa.DataType
+    engine: EngineOptions
+
+    @property
+    def labels(self) -> list[str]:
+        """Interval keys as the Predictor writes them ("80", "97.5")."""
+        return [f"{level:g}" for level in self.levels]
+
+    def output_schema(self) -> pa.Schema:
+        fields = [pa.field(ID, self.id_type), pa.field(DS, self.time_type)]
+        fields += [pa.field(c, pa.float32()) for c in self.channels]
+        for c in self.channels:
+            for label in self.labels:
+                fields += [pa.field(f"{c}-lo-{label}", pa.float32()),
+                           pa.field(f"{c}-hi-{label}", pa.float32())]
+        return pa.schema(fields)
+
+
+def failure_schema(id_type: pa.DataType) -> pa.Schema:
+    return pa.schema([(ID, id_type), ("reason", pa.string())])
+
+
+class Tally:
+    """Per-series failures and counts reported by the actors (a Ray actor in the job)."""
+
+    def __init__(self) -> None:
+        self.scored = 0
+        self.failures: list[pa.Table] = []
+        self.providers: set[str] = set()
+
+    def add(self, scored: int, failures: pa.Table, provider: str) -> None:
+        self.scored += scored
+        if failures.num_rows:
+            self.failures.append(failures)
+        self.providers.add(provider)
+
+    def result(self) -> tuple[int, list[pa.Table], list[str]]:
+        return self.scored, self.failures, sorted(self.providers)
+
+
+class Scorer:
+    """A Ray Data `map_batches` callable class: one per actor, model loaded once."""
+
+    def __init__(self, spec: ScoreSpec, tally: Any = None) -> None:
+        self.spec = spec
+        self.tally = tally
+        self.loop = asyncio.new_event_loop()
+        registry = PinnedRegistry(FilesystemStore(spec.registry_root), {spec.name: spec.version})
+        # One big call per batch, always on this thread (no executor, no batching delay).
+        options = PoolOptions(engine=spec.engine, batch_max_size=1 << 20,
+                              batch_max_delay_s=0.0, inline_max_s=math.inf)
+        self.pool = ModelPool(registry, options)
+        self.loop.run_until_complete(self.pool.sync_name(spec.name))
+        served = self.pool.get((spec.name, spec.version))
+        if served is None:
+            reason = self.pool.failed.get((spec.name, spec.version), "not loaded")
+            raise RuntimeError(f"cannot load {spec.name}@{spec.version}: {reason}")
+        self.provider = served.provider
+        self.predictor = Predictor(self.pool, shadow_fraction=0.0)
+        self.model = f"{spec.name}@{spec.version}"
+        self.storage = time_storage(spec.time_type)
+        log.info("scoring with %s on %s", self.model, self.provider)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out, failures = self.score(batch)
+        if self.tally is not None:
+            import ray
+
+            # Waited for, so every failure is recorded before the dataset counts as written.
+            ray.get(self.tally.add.remote(out.num_rows // self.spec.horizon, failures,
+                                          self.provider))
+        return out
+
+    def _requests(self, batch: pa.Table) -> list[SeriesInput | SeriesFailure]:
+        c = len(self.spec.channels)
+        values = batch.column("values").combine_chunks()
+        offsets = values.offsets.to_numpy()
+        flat = values.values.to_numpy(zero_copy_only=False)
+        reasons = batch.column("reason").to_pylist()
+        series: list[SeriesInput | SeriesFailure] = []
+        for i, reason in enumerate(reasons):
+            if reason is not None:
+                series.append(SeriesFailure(i, InvalidInput(reason)))
+                continue
+            window = flat[offsets[i] : offsets[i + 1]].reshape(-1, c)
+            series.append(SeriesInput(i, window, False, i))
+        return series
+
+    def score(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """Windows -> (forecast rows in long form, failures)."""
+        spec = self.spec
+        req = ForecastRequest(self._requests(batch), model=self.model, mode=spec.mode,
+                              horizon=spec.horizon, levels=list(spec.levels))
+        result = self.loop.run_until_complete(self.predictor.forecast(req, partial=True))
+        ok: list[int] = []
+        forecasts: list[SeriesForecast] = []
+        failed: list[int] = []
+        reasons: list[str] = []
+        for i, r in enumerate(result.results):
+            if isinstance(r, SeriesForecast):
+                ok.append(i)
+                forecasts.append(r)
+            else:
+                failed.append(i)
+                reasons.append(r.error.message)
+        failures = pa.table(
+            {ID: batch.column(ID).take(pa.array(failed, pa.int64())),
+             "reason": pa.array(reasons, pa.string())},
+            schema=failure_schema(spec.id_type),
+        )
+        return self._forecast_table(batch, forecasts, ok, result.horizon), failures
+
+    def _forecast_table(self, batch: pa.Table, forecasts: list[SeriesForecast], ok: list[int],
+                        h: int) -> pa.Table:
+        spec = self.spec
+        schema = spec.output_schema()
+        if not ok:
+            return schema.empty_table()
+        last = batch.column("last").to_numpy()[ok]
+        step = batch.column("step").to_numpy()[ok]
+        ticks = (last[:, None] + step[:, None] * np.arange(1, h + 1)).reshape(-1)  # [k * h]
+        values = np.stack([f.values for f in forecasts])  # [k, h, C]
+        cols: dict[str, pa.Array | pa.ChunkedArray] = {
+            ID: batch.column(ID).take(pa.array(np.repeat(np.asarray(ok, np.int64), h))),
+            DS: pa.array(ticks, pa.int64()).cast(self.storage).cast(spec.time_type),
+        }
+        for j, c in enumerate(spec.channels):
+            cols[c] = pa.array(values[:, :, j].reshape(-1), pa.float32())
+        for label in spec.labels:
+            bands = [f.intervals[label] for f in forecasts if f.intervals is not None]
+            lo = np.stack([b[0] for b in bands])  # [k, h, C]
+            hi = np.stack([b[1] for b in bands])
+            for j, c in enumerate(spec.channels):
+                cols[f"{c}-lo-{label}"] = pa.array(lo[:, :, j].reshape(-1), pa.float32())
+                cols[f"{c}-hi-{label}"] = pa.array(hi[:, :, j].reshape(-1), pa.float32())
+        return pa.table([cols[f.name] for f in schema], schema=schema)

@@ -1,0 +1,358 @@
+"""`python -m service.batch_job` on a small local Ray (2 CPUs) with series cut from ETTh1.
+
+The job and POST /v1/forecast/batch (real HTTP through uvicorn) must give identical forecasts,
+intervals and timestamps for the same series; bad series land in the errors file with a reason.
+Ray starts once for the module.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from models_registry.store import FilesystemStore
+from service.batch.inputs import build_windows, tail_rows
+from service.batch.scoring import Scorer, ScoreSpec
+from service.batch_job import main
+from service.core.engine import EngineOptions
+from tests.service.conftest import FIXED, Served, serving
+from tests.service.onnx_models import build_family, linear_bytes, manifest, mlp_bytes
+
+ray = pytest.importorskip("ray")
+
+pytestmark = [
+    pytest.mark.slow,
+    # Ray Data itself reads its deprecated settings when it ships its context to the workers.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+ETTH1 = ROOT / "data" / "ETTh1.csv"
+NAME = "etth1-h96"
+LOOKBACK, HORIZON = 32, 8
+CHANNELS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+CPU_ONLY = EngineOptions(providers=("CPUExecutionProvider",))
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A student MLP (so the forecasts are not trivial), its teacher ensemble, a 7-channel model."""
+    root = tmp_path_factory.mktemp("batch-registry")
+    store = FilesystemStore(root)
+    build_family(store, NAME, LOOKBACK, HORIZON, student=mlp_bytes(LOOKBACK, HORIZON, hidden=64))
+    fixed = store.register(
+        manifest(FIXED, "student", LOOKBACK, HORIZON, architecture="last-value", channels=7),
+        linear_bytes(LOOKBACK, HORIZON, channels=7),
+    )
+    store.set_alias(FIXED, "production", fixed.version)
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False,
+             log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(registry: Path) -> Iterator[Served]:
+    with serving(registry_root=registry) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def etth1() -> pa.Table:
+    opts = pacsv.ConvertOptions(column_types={"date": pa.timestamp("s")})
+    return pacsv.read_csv(ETTH1, convert_options=opts)
+
+
+def _rows(table: pa.Table, start: int, n: int) -> tuple[list[datetime], np.ndarray]:
+    part = table.slice(start, n)
+    values = np.column_stack([part[c].to_numpy() for c in CHANNELS])
+    return part["date"].to_pylist(), values
+
+
+def _endpoint(served: Served, series: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """POST /v1/forecast/batch (row form), msgpack answer: id -> forecast (float32 arrays)."""
+    with served.client() as client:
+        r = client.post("/v1/forecast/batch", json={"model": NAME, "series": series, **options},
+                        headers={"Accept": "application/msgpack"})
+    assert r.status_code == 200, r.text
+    return {f["id"]: f for f in msgspec.msgpack.decode(r.content)["forecasts"]}
+
+
+def _f32(b: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(b, "<f4").reshape(shape)
+
+
+def _read_output(path: Path) -> dict[str, pa.Table]:
+    table = pq.read_table(path).sort_by([("unique_id", "ascending"), ("ds", "ascending")])
+    ids = table["unique_id"].to_pylist()
+    out: dict[str, pa.Table] = {}
+    for uid in dict.fromkeys(ids):
+        start = ids.index(uid)
+        out[uid] = table.slice(start, ids.count(uid))
+    return out
+
+
+def _errors(path: Path) -> dict[Any, str]:
+    table = pq.read_table(path)
+    return dict(zip(table["unique_id"].to_pylist(), table["reason"].to_pylist(), strict=True))
+
+
+def _stamps(values: list[Any]) -> list[datetime]:
+    return [v if isinstance(v, datetime) else datetime.fromisoformat(v) for v in values]
+
+
+# -- long layout, fast, intervals -----------------------------------------------------------------
+
+
+def test_long_parquet_matches_the_batch_endpoint(
+    local_ray: None, registry: Path, server: Served, etth1: pa.Table, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rng = np.random.default_rng(0)
+    series: dict[str, tuple[list[datetime], np.ndarray]] = {}
+    for k in range(120):  # windows of every length from the lookback to lookback + 9
+        series[f"s{k:03d}"] = _rows(etth1, k * 97, LOOKBACK + k % 10)
+    stamps, values = _rows(etth1, 5000, LOOKBACK + 6)
+    values[1, 6] = np.nan  # before the window: the job never reads it
+    series["nan-before-window"] = (stamps, values)
+    stamps, values = _rows(etth1, 6000, LOOKBACK + 3)
+    values[-4, 2] = np.nan
+    series["nan-in-window"] = (stamps, values)
+    series["short"] = _rows(etth1, 7000, LOOKBACK - 12)
+    stamps, values = _rows(etth1, 8000, LOOKBACK + 2)
+    series["duplicate-ds"] = (stamps[:-1] + [stamps[-2]], values)
+    ids = [uid for uid, (s, _) in series.items() for _ in s]
+    rows = np.concatenate([v for _, v in series.values()])
+    table = pa.table({
+        "unique_id": ids,
+        "ds": pa.array([t for s, _ in series.values() for t in s], pa.timestamp("us")),
+        **{c: rows[:, j] for j, c in enumerate(CHANNELS)},
+    }).take(rng.permutation(len(ids)))  # the job must not rely on the input order
+    src = tmp_path / "series.parquet"
+    pq.write_table(table, src, row_group_size=700)
+    out, errors = tmp_path / "forecasts", tmp_path / "errors.parquet"
+
+    code = main(["--model", NAME, "--mode", "fast", "--input", str(src), "--output", str(out),
+                 "--errors", str(errors), "--registry", str(registry), "--level", "80",
+                 "--level", "95", "--batch-size", "50", "--no-progress"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "121 series scored, 3 failed" in summary and "series/s" in summary
+
+    failures = _errors(errors)
+    assert set(failures) == {"nan-in-window", "short", "duplicate-ds"}
+    assert "non-finite MUFL at ds" in failures["nan-in-window"]
+    assert failures["duplicate-ds"].startswith("duplicate ds")
+
+    body = []
+    for uid, (s, v) in series.items():
+        if uid == "nan-before-window":  # the endpoint checks every value it is sent
+            s, v = s[-LOOKBACK:], v[-LOOKBACK:]
+        if uid in ("nan-in-window", "duplicate-ds"):
+            continue
+        body.append({"id": uid, "values": v.tolist(),
+                     "timestamps": [t.isoformat() for t in s]})
+    answers = _endpoint(server, body, level=[80, 95])
+    # The same refusal, word for word, for a series shorter than the lookback.
+    assert answers["short"]["error"]["message"] == failures["short"]
+
+    got = _read_output(out)
+    assert len(got) == 121
+    for uid, rows_ in got.items():
+        answer = answers[uid]
+        expected = _f32(answer["values"], (HORIZON, 7))
+        actual = np.column_stack([rows_[c].to_numpy() for c in CHANNELS])
+        assert np.array_equal(actual, expected), uid
+        for level in ("80", "95"):
+            band = answer["intervals"][level]
+            for side, key in (("lo", "lower"), ("hi", "upper")):
+                actual = np.column_stack([rows_[f"{c}-{side}-{level}"].to_numpy()
+                                          for c in CHANNELS])
+                assert np.array_equal(actual, _f32(band[key], (HORIZON, 7))), (uid, level)
+        assert rows_["ds"].to_pylist() == _stamps(answer["timestamps"]), uid
+
+
+# -- wide layout, accurate (teacher ensemble), two actors ----------------------------------------
+
+
+def test_wide_csv_accurate_matches_the_batch_endpoint(
+    local_ray: None, registry: Path, server: Served, etth1: pa.Table, tmp_path: Path,
+) -> None:
+    n = LOOKBACK + 20
+    stamps, _ = _rows(etth1, 10_000, n)
+    columns: dict[str, np.ndarray] = {}
+    for k in range(24):
+        channel = CHANNELS[k % 7]
+        columns[f"{channel}_{k}"] = etth1[channel].to_numpy()[k * 300 : k * 300 + n]
+    late = etth1["OT"].to_numpy()[:n].copy()
+    late[:15] = np.nan  # starts 15 steps after the others: 37 points, enough
+    columns["late_start"] = late
+    gap = etth1["HUFL"].to_numpy()[:n].copy()
+    gap[-5] = np.nan
+    columns["gap"] = gap
+    young = etth1["LULL"].to_numpy()[:n].copy()
+    young[: n - 10] = np.nan
+    columns["young"] = young
+    src = tmp_path / "wide.csv"
+    text = ["date," + ",".join(columns)]
+    for i, t in enumerate(stamps):
+        cells = ["" if np.isnan(v[i]) else repr(float(v[i])) for v in columns.values()]
+        text.append(f"{t:%Y-%m-%d %H:%M:%S}," + ",".join(cells))
+    src.write_text("\n".join(text) + "\n")
+    out, errors = tmp_path / "forecasts.parquet", tmp_path / "errors.csv"
+
+    code = main(["--model", NAME, "--mode", "accurate", "--input", str(src), "--output",
+                 str(out), "--errors", str(errors), "--registry", str(registry), "--level", "90",
+                 "--actors", "2", "--cpus-per-actor", "0.5", "--batch-size", "8",
+                 "--no-progress"])
+    assert code == 0
+    failures = pacsv.read_csv(errors).to_pydict()
+    reasons = dict(zip(failures["unique_id"], failures["reason"], strict=True))
+    assert set(reasons) == {"gap", "young"}
+    assert "at ds 2017-" in reasons["gap"]
+    assert reasons["young"].startswith("10 points") and "lookback 32" in reasons["young"]
+
+    body = []
+    for name, v in columns.items():
+        if name in reasons:
+            continue
+        keep = ~np.isnan(v)
+        body.append({"id": name, "values": v[keep].tolist(),
+                     "timestamps": [f"{t:%Y-%m-%d %H:%M:%S}"
+                                    for t, k in zip(stamps, keep, strict=True) if k]})
+    answers = _endpoint(server, body, mode="accurate", level=[90])
+    got = _read_output(out)
+    assert set(got) == set(answers)
+    for uid, rows_ in got.items():
+        answer = answers[uid]
+        assert np.array_equal(rows_["y"].to_numpy(), _f32(answer["values"], (HORIZON,))), uid
+        band = answer["intervals"]["90"]
+        assert np.array_equal(rows_["y-lo-90"].to_numpy(), _f32(band["lower"], (HORIZON,)))
+        assert np.array_equal(rows_["y-hi-90"].to_numpy(), _f32(band["upper"], (HORIZON,)))
+        assert rows_["ds"].to_pylist() == _stamps(answer["timestamps"]), uid
+
+
+# -- pieces without Ray ---------------------------------------------------------------------------
+
+
+def test_windows_are_the_last_lookback_rows_and_failures_have_reasons() -> None:
+    ids = ["a"] * 5 + ["b"] * 3 + ["c"] * 4 + ["d"] * 3
+    ds = [5, 1, 3, 2, 4] + [1, 2, 3] + [1, 2, 2, 3] + [1, 2, 3]
+    x = [5.0, 1, 3, 2, 4] + [1.0, 2, 3] + [1.0, 2, 3, 4] + [np.nan, 2, 3]
+    table = pa.table({"unique_id": ids, "ds": pa.array(ds, pa.int64()), "x": x})
+    w = build_windows(table, id_col="unique_id", time_col="ds", value_cols=("x",),
+                      time_type=pa.int64(), id_type=pa.string(), lookback=3).to_pydict()
+    assert w["unique_id"] == ["a", "b", "c", "d"]
+    assert w["values"][0] == [3.0, 4.0, 5.0] and w["last"][0] == 5 and w["step"][0] == 1
+    assert w["reason"][:2] == [None, None]
+    assert w["reason"][2] == "duplicate ds 2"
+    assert w["values"][3] == [2.0, 3.0] and w["reason"][3] is None  # leading gap dropped
+
+
+def test_dropping_rows_before_the_shuffle_changes_no_window() -> None:
+    """`tail_rows` on each block (here: time ranges, like daily files, rows shuffled inside),
+    then `build_windows` on what is left, gives the windows and reasons of `build_windows` on
+    every row."""
+    rng = np.random.default_rng(3)
+    lookback = 6
+    kw = {"id_col": "unique_id", "time_col": "ds", "value_cols": ("a", "b")}
+    for _ in range(30):
+        lengths = rng.integers(1, 40, 12)
+        ids = np.repeat([f"s{i}" for i in range(len(lengths))], lengths)
+        ds = np.concatenate([np.arange(k) for k in lengths])
+        values = rng.normal(size=(len(ids), 2))
+        values[rng.random(values.shape) < 0.15] = np.nan  # gaps, late starts, holes in windows
+        table = pa.table({"unique_id": ids, "ds": ds, "a": values[:, 0], "b": values[:, 1]})
+        cuts = np.sort(rng.choice(np.arange(1, 40), 3, replace=False))
+        blocks = []
+        for a, b in zip([0, *cuts], [*cuts, 40], strict=True):
+            part = table.filter(pc.and_(pc.greater_equal(table["ds"], a),
+                                        pc.less(table["ds"], b)))
+            blocks.append(part.take(rng.permutation(part.num_rows)))
+        kept = pa.concat_tables([tail_rows(b, lookback=lookback, **kw) for b in blocks])
+        assert kept.num_rows < table.num_rows
+        full, trimmed = (
+            build_windows(t, time_type=pa.int64(), id_type=pa.string(), lookback=lookback, **kw)
+            for t in (table, kept)
+        )
+        for key in ("unique_id", "last", "step", "reason"):
+            assert trimmed[key].to_pylist() == full[key].to_pylist()
+        for a, b in zip(trimmed["values"].to_pylist(), full["values"].to_pylist(), strict=True):
+            assert np.array_equal(a, b, equal_nan=True)
+
+
+def test_a_fixed_channel_model_refuses_other_channel_counts(registry: Path) -> None:
+    spec = ScoreSpec(str(registry), FIXED, 1, "fast", HORIZON, (), ("a", "b", "c"), pa.string(),
+                     pa.int64(), CPU_ONLY)
+    windows = pa.table({
+        "unique_id": ["x"], "n": [LOOKBACK],
+        "values": pa.array([[1.0] * (3 * LOOKBACK)], pa.large_list(pa.float32())),
+        "last": [LOOKBACK], "step": [1], "reason": pa.array([None], pa.string()),
+    })
+    out, failures = Scorer(spec).score(windows)
+    assert out.num_rows == 0
+    assert failures.to_pydict() == {"unique_id": ["x"],
+                                    "reason": [f"3 channels, {FIXED}@1 expects 7"]}
+
+
+# -- bad command lines: a clear message and exit status 2, before Ray starts ---------------------
+
+
+def test_missing_input_fails_fast_from_the_command_line(registry: Path, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "service.batch_job", "--model", NAME, "--mode", "fast",
+         "--input", str(tmp_path / "nope.parquet"), "--output", str(tmp_path / "out"),
+         "--registry", str(registry)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2
+    assert "does not exist" in r.stderr and "nope.parquet" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--model": "nope"}, "unknown model 'nope'"),
+        ({"--model": f"{NAME}@staging"}, "has no alias 'staging'"),
+        ({"--model": f"{NAME}-ensemble"}, "use --mode accurate"),
+        ({"--level": "99.5"}, "level 99.5 is not calibrated"),
+        ({"--horizon": str(HORIZON + 1)}, f"forecasts 1..{HORIZON} steps"),
+        ({"--input": "notes.txt"}, "cannot tell the format"),
+        ({"--input": "no-time.csv"}, "no time column"),
+        ({"--output": "taken"}, "already exists"),
+    ],
+)
+def test_bad_input_is_refused_with_a_reason(
+    registry: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    change: dict[str, str], message: str,
+) -> None:
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "no-time.csv").write_text("unique_id,when,y\na,1,2.0\n")
+    (tmp_path / "ok.csv").write_text("unique_id,ds,y\na,1,2.0\n")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "part.parquet").write_text("x")
+    args = {"--model": NAME, "--mode": "fast", "--input": "ok.csv", "--output": "out",
+            "--registry": str(registry), **change}
+    for key in ("--input", "--output"):
+        args[key] = str(tmp_path / args[key])
+    code = main([item for pair in args.items() for item in pair])
+    assert code == 2
+    assert message in capsys.readouterr().err
