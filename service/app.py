@@ -7,10 +7,13 @@ import contextlib
 import gc
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
@@ -21,6 +24,7 @@ from service import metrics
 from service.api import errors
 from service.api.decode import Limits
 from service.api.deps import Services
+from service.api.limits import BodyLimit, CloseWhenDraining
 from service.api.routes import forecast, health, models
 from service.api.schemas import request_schemas
 from service.config import Settings, get_settings
@@ -60,6 +64,32 @@ async def _refresh_loop(services: Services, interval: float) -> None:
         metrics.REGISTRY_CACHE_UP.set(1 if services.registry.cache.available else 0)
 
 
+def _drain_on_signals(services: Services) -> Callable[[], None]:
+    """Mark the replica draining as soon as uvicorn gets SIGTERM/SIGINT, not only when the
+    lifespan ends (uvicorn first waits for connections): /readyz turns 503 and new requests are
+    refused with 503 + `Connection: close` while in-flight ones finish. Returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # served from a thread (tests): the signals are not ours to watch
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if not callable(handler):
+            continue
+
+        def on_signal(signum: int, frame: FrameType | None, handler: Any = handler) -> None:
+            services.draining = True
+            handler(signum, frame)
+
+        previous[sig] = handler
+        signal.signal(sig, on_signal)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
 async def _drain(services: Services, timeout: float) -> None:
     services.draining = True
     deadline = time.monotonic() + timeout
@@ -89,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         registry.subscribe(pool.on_alias_event)
         refresher: asyncio.Task[None] | None = None
+        restore_signals = _drain_on_signals(services)
         try:
             # Listen first: a promotion made while the models load is then not missed.
             await registry.start()
@@ -106,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                      "redis" if settings.redis_url else "in-process")
             yield
         finally:
+            restore_signals()
             await _drain(services, settings.drain_timeout_s)
             if refresher is not None:
                 refresher.cancel()
@@ -145,8 +177,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(BodyLimit, skip=(forecast.FORECAST, forecast.BATCH))
     if settings.fast_path:
         app.add_middleware(forecast.HotPaths, handlers=handlers)
+    app.add_middleware(CloseWhenDraining, draining=lambda: services.draining)
     return app
 
 

@@ -57,6 +57,17 @@ class Settings(BaseSettings):
         default=8_000_000, description="Total input values (time steps x channels) in one request."
     )
     max_body_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    # Admission: the batcher's queue bounds work waiting for inference, not work waiting for the
+    # event loop (reading and parsing bodies). Above either bound a forecast request is answered
+    # 503 + Retry-After before its body is read, so memory and queueing stay bounded.
+    max_in_flight: Annotated[int, Field(ge=1)] = Field(
+        default=512, description="Forecast requests handled at once by one worker."
+    )
+    max_in_flight_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=64 * 1024 * 1024,
+        description="Announced body bytes (Content-Length) of the forecast requests handled at "
+        "once by one worker; a request is always admitted when none is in flight.",
+    )
     drain_timeout_s: Annotated[float, Field(ge=0)] = 10.0
     otel: bool = Field(
         default=False, description="Let FastAPI emit OpenTelemetry spans/metrics when configured."

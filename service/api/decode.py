@@ -40,11 +40,17 @@ def _field_of(error: msgspec.ValidationError) -> tuple[str, str]:
 
 def _lenient(body: bytes) -> Any:
     """Parse a body that is JSON except for NaN/Infinity literals (those become strings, which
-    the value checks then reject by name)."""
+    the value checks then reject by name).
+
+    Only that: whatever else orjson refused stays refused. json.loads takes what orjson does not
+    (nesting past orjson's depth limit, where it raises RecursionError; lone surrogates, which no
+    answer could echo back; integers beyond 64 bits), so the result must survive orjson.dumps."""
     try:
-        return json.loads(body, parse_constant=lambda c: c)
-    except (ValueError, UnicodeDecodeError):
+        obj = json.loads(body, parse_constant=lambda c: c)
+        orjson.dumps(obj)
+    except (ValueError, UnicodeDecodeError, RecursionError, TypeError):
         return None
+    return obj
 
 
 def decode_struct(body: bytes, kind: type[T], *, msgpack: bool = False) -> T:

@@ -20,6 +20,10 @@ Mode = Literal["fast", "accurate", "auto"]
 Stamp = str | int | float
 PositiveInt = Annotated[int, Meta(ge=1)]
 Level = Annotated[float, Meta(gt=0, lt=100)]
+# Each level costs a pass over the forecasts: an unbounded list would let a small body buy
+# seconds of event-loop time. Calibrated levels are the integers 50..99.
+MAX_LEVELS = 50
+Levels = Annotated[list[Level], Meta(max_length=MAX_LEVELS)]
 
 # -- wire (msgspec) -------------------------------------------------------------------------------
 
@@ -37,7 +41,7 @@ class ForecastWire(msgspec.Struct, forbid_unknown_fields=True):
     model: str | None = None
     mode: Mode = "fast"
     horizon: PositiveInt | None = None
-    level: list[Level] | None = None
+    level: Levels | None = None
     deadline_ms: Annotated[float, Meta(gt=0)] | None = None
 
 
@@ -45,7 +49,7 @@ class BatchWire(msgspec.Struct, forbid_unknown_fields=True):
     model: str | None = None
     mode: Mode = "fast"
     horizon: PositiveInt | None = None
-    level: list[Level] | None = None
+    level: Levels | None = None
     deadline_ms: Annotated[float, Meta(gt=0)] | None = None
     # Row form.
     series: list[SeriesWire] | None = None
@@ -89,7 +93,8 @@ class _Options(_Doc):
                        "accurate when its predicted queue wait + compute fits deadline_ms.")
     horizon: int | None = Field(None, ge=1, description="At most the model's horizon.")
     level: list[float] | None = Field(
-        None, description="Interval levels in percent (calibrated: 50..99).", examples=[[80, 95]]
+        None, max_length=MAX_LEVELS, description="Interval levels in percent (calibrated: 50..99).",
+        examples=[[80, 95]],
     )
     deadline_ms: float | None = Field(None, gt=0, description="Budget for mode auto.")
 

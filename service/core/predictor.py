@@ -173,7 +173,7 @@ class Predictor:
         return served.calibration.check_levels(req.levels, horizon)
 
     @staticmethod
-    def _prepare(index: int, s: SeriesInput, served: ServedModel) -> _Prepared:
+    def _prepare(index: int, s: SeriesInput, served: ServedModel, horizon: int) -> _Prepared:
         n, channels = s.values.shape
         if served.channels is not None and channels != served.channels:
             raise InvalidInput(
@@ -193,6 +193,8 @@ class Predictor:
                 missing = "start" if s.start is None else "freq"
                 raise InvalidInput("start and freq go together", field=s.at(missing))
             axis = from_start(s.start, s.freq, n, s.at("start"), s.at("freq"))
+        if axis is not None:
+            axis.check(horizon, s.at("timestamps" if s.timestamps is not None else "start"))
         return _Prepared(index, s.values[n - served.lookback :], s.univariate, axis)
 
     # -- the request -----------------------------------------------------------------------------
@@ -214,7 +216,7 @@ class Predictor:
                     results[i] = s
                     continue
                 try:
-                    p = self._prepare(i, s, served)
+                    p = self._prepare(i, s, served, horizon)
                 except ServiceError as exc:
                     if not partial:
                         raise
@@ -233,7 +235,7 @@ class Predictor:
                 outs = list(await asyncio.gather(*(served.batcher.submit(x) for _, x in batches)))
         queue_s = compute_s = 0.0
         for (group, x), (y, timing) in zip(batches, outs, strict=True):
-            self._finish(req, served, group, x, y, horizon, level_rows, results)
+            self._finish(req, served, group, x, y, horizon, level_rows, results, partial)
             queue_s, compute_s = self._worst(timing, queue_s, compute_s)
             if served.kind != "ensemble" and self.shadow_fraction > 0:
                 self._maybe_shadow(served, x, y)
@@ -262,16 +264,31 @@ class Predictor:
         horizon: int,
         level_rows: list[int],
         results: list[SeriesForecast | SeriesFailure | None],
+        partial: bool,
     ) -> None:
         yh = y[:, :horizon]  # [B, h, C]
         bands = []
-        if level_rows:
-            assert served.calibration is not None
-            bands = served.calibration.bands(yh, window_scale(x), level_rows)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if level_rows:
+                assert served.calibration is not None
+                bands = served.calibration.bands(yh, window_scale(x), level_rows)
+            # Finite inputs can still overflow float32 inside a model (a window statistic of
+            # values near 1e38): say so, rather than answering 200 with nulls.
+            finite = np.isfinite(yh).all(axis=(1, 2))
+            for lo, hi in bands:
+                finite &= np.isfinite(lo).all(axis=(1, 2)) & np.isfinite(hi).all(axis=(1, 2))
         labels = [f"{level:g}" for level in req.levels]
         for b, p in enumerate(group):
             s = req.series[p.index]
             assert isinstance(s, SeriesInput)
+            if not finite[b]:
+                error = InvalidInput(
+                    f"{served.label} gives no finite forecast for these values (too large in "
+                    "magnitude for float32 arithmetic)", field=s.at("values"))
+                if not partial:
+                    raise error
+                results[p.index] = SeriesFailure(s.id, error)
+                continue
             values = yh[b, :, 0] if p.univariate else yh[b]
             intervals = None
             if bands:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,10 @@ def parse_freq(freq: str, field: str) -> timedelta:
             f"unsupported freq {freq!r} (fixed steps only: e.g. '15min', 'h', 'D', 'W', '30s')",
             field=field,
         )
-    return int(m.group(1) or 1) * _UNITS[m.group(2)]
+    try:
+        return int(m.group(1) or 1) * _UNITS[m.group(2)]
+    except (OverflowError, ValueError):  # beyond timedelta's range (or int's digit limit)
+        raise InvalidInput(f"freq {freq[:40]!r} is too large", field=field) from None
 
 
 def _parse_iso(value: str, field: str) -> datetime:
@@ -53,6 +57,17 @@ class TimeAxis:
     step: timedelta | float
     sep: str = "T"
     integral: bool = False
+
+    def check(self, h: int, field: str) -> None:
+        """Refuse an axis whose next `h` instants cannot be written (past the year 9999, or
+        beyond the float range), before any work is done for it."""
+        try:
+            end = self.last + self.step * h  # type: ignore[operator]
+        except OverflowError:
+            end = None
+        if end is None or (isinstance(end, float) and not math.isfinite(end)):
+            raise InvalidInput(f"the {h} forecast timestamps overflow the time range",
+                               field=field)
 
     def future(self, h: int) -> list[Stamp]:
         if isinstance(self.last, datetime):
@@ -101,7 +116,11 @@ def from_start(
     if isinstance(start, str):
         first = _parse_iso(start, start_field)
         sep = "T" if "T" in start else " "
-        return TimeAxis(first + step * (n_points - 1), step, sep=sep)
+        try:
+            last = first + step * (n_points - 1)
+        except OverflowError:
+            raise InvalidInput("start + freq overflow the time range", field=start_field) from None
+        return TimeAxis(last, step, sep=sep)
     seconds = step.total_seconds()
     return TimeAxis(
         float(start) + seconds * (n_points - 1),

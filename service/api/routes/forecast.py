@@ -118,10 +118,12 @@ class ForecastHandlers:
         services.load.value += 1
         metrics.IN_FLIGHT.inc()
         mode, model, status = "unknown", "unknown", 200
+        reserved = 0
         try:
             if services.draining:
                 raise ShuttingDown("the replica is shutting down")
             predictor = services.need_predictor()
+            reserved = services.admit(_content_length(scope))
             body = await read_body(scope, receive, services.settings.max_body_bytes)
             req = decoder(body, services.limits,
                           msgpack=_wants_msgpack(scope, b"content-type"))
@@ -144,6 +146,7 @@ class ForecastHandlers:
             status = 500
         finally:
             services.load.value -= 1
+            services.release(reserved)
             metrics.IN_FLIGHT.dec()
         metrics.REQUEST_DURATION.labels(route, mode, model, str(status)).observe(
             time.perf_counter() - t0

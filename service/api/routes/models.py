@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
 
+from models_registry.errors import IntegrityError, ManifestError, RegistryError
 from models_registry.errors import ModelNotFound as RegistryModelNotFound
-from models_registry.errors import RegistryError
 from models_registry.manifest import Manifest
+from service import metrics
 from service.api.deps import Services
 from service.api.errors import from_registry
 from service.api.routes.forecast import ERRORS
 from service.api.schemas import AliasIn, AliasOut, ModelOut, ModelsOut
 from service.core.errors import Forbidden, ModelNotFound, Unauthorized
+
+log = logging.getLogger(__name__)
 
 
 def check_admin(services: Services, authorization: str | None) -> None:
@@ -122,6 +126,13 @@ def build_router(services: Services) -> APIRouter:
         try:
             event = await registry.promote(name, alias, body.version)
         except RegistryError as exc:
+            if isinstance(exc, IntegrityError | ManifestError):
+                # A broken artifact is an incident for the operators, not only a 409 for the
+                # caller: the same log line and counter as a failed load on a replica.
+                log.error("refused to promote %s@%s to version %d: %s", name, alias,
+                          body.version, exc)
+                metrics.MODEL_LOADS.labels(name, type(exc).__name__).inc()
+                raise from_registry(exc, "version") from None
             raise from_registry(exc, "version" if "version" in str(exc) else "name") from None
         # The event reaches this replica through the registry too; syncing here lets the answer
         # say what this replica now serves.

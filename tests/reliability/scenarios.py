@@ -1,0 +1,697 @@
+"""The reliability scenarios, each a function returning its record (see `harness.summarise`).
+
+A record carries `problems`: every expectation that did not hold, in words. The tests assert it
+is empty; `bench/reliability.py` runs the same functions at full length and publishes the records.
+Each scenario starts its own service process (scripts/launch_service.sh) on its own registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from models_registry.cache import RedisCache
+from models_registry.registry import Registry
+from models_registry.store import FilesystemStore
+from tests.reliability import hostile, security
+from tests.reliability.harness import (
+    AUTH,
+    Answer,
+    Lengths,
+    Load,
+    Outcome,
+    Request,
+    RssSampler,
+    ServiceProcess,
+    Timeline,
+    heavy_bytes,
+    metric_value,
+    parse_forecast,
+    parse_length,
+    percentile,
+    summarise,
+    wait_until,
+)
+from tests.service.onnx_models import build_family, linear_bytes, manifest
+
+NAME = "etth1-h96"
+LOOKBACK, HORIZON = 32, 8
+FORECAST = "/v1/forecast"
+JSON = {"content-type": "application/json"}
+
+
+# -- registries ------------------------------------------------------------------------------------
+
+
+def family(root: Path, versions: int = 1) -> FilesystemStore:
+    """The fixture family (student v1 = last value, teacher ensemble) plus student versions
+    2..`versions`, version k forecasting k x the last value, so an answer proves its version."""
+    store = FilesystemStore(root)
+    build_family(store, NAME, LOOKBACK, HORIZON)
+    for k in range(2, versions + 1):
+        m = store.register(
+            manifest(NAME, "student", LOOKBACK, HORIZON, architecture=f"{k}x-last"),
+            linear_bytes(LOOKBACK, HORIZON, w_last=float(k)),
+        )
+        assert m.version == k
+    return store
+
+
+HEAVY_LOOKBACK, HEAVY_HORIZON, HEAVY_CHANNELS = 64, 16, 4
+
+
+def heavy_family(root: Path) -> FilesystemStore:
+    """A student that takes tens of milliseconds per request (overload and shutdown)."""
+    store = FilesystemStore(root)
+    build_family(store, NAME, HEAVY_LOOKBACK, HEAVY_HORIZON,
+                 student=heavy_bytes(HEAVY_LOOKBACK, HEAVY_HORIZON))
+    return store
+
+
+def forecast_body(last: float = 7.0, channels: int = 1, lookback: int = LOOKBACK,
+                  model: str = NAME) -> bytes:
+    rows = [[float(t % 5) + c for c in range(channels)] for t in range(lookback - 1)]
+    rows.append([last + c for c in range(channels)])
+    return json.dumps({"model": model, "series": [{"id": "s", "values": rows}]}).encode()
+
+
+def forecast_request(_: int) -> Request:
+    return Request("POST", FORECAST, forecast_body(), JSON)
+
+
+def consistent(o: Outcome, last: float = 7.0) -> bool:
+    """The answer is what its stated version computes: version k forecasts k x the last value."""
+    if o.version is None or not o.values:
+        return False
+    expected = [[o.version * last]] * HORIZON
+    return bool(o.values[0] == expected)
+
+
+def failures(outcomes: list[Outcome]) -> Counter[tuple[int | None, str | None]]:
+    return Counter((o.status, o.error) for o in outcomes if o.status != 200 or o.error)
+
+
+def _problem(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _readyz(svc: ServiceProcess) -> dict[str, Any]:
+    r = httpx.get(f"{svc.url}/readyz", timeout=5)
+    return {**(r.json() if r.status_code == 200 else {}), "http": r.status_code}
+
+
+def _serving(svc: ServiceProcess) -> int | None:
+    r = httpx.get(f"{svc.url}/v1/models/{NAME}", timeout=5)
+    return r.json()["serving"]["aliases"].get("production") if r.status_code == 200 else None
+
+
+# -- 1. Redis killed and restarted under load ------------------------------------------------------
+
+
+class ReadyProbe:
+    """Polls /readyz every `interval` s from its own generator thread, recording each answer."""
+
+    def __init__(self, svc: ServiceProcess, interval: float = 0.2) -> None:
+        self.svc = svc
+        self.interval = interval
+        self.samples: list[tuple[float, dict[str, Any]]] = []
+        self._load = Load(svc.url, lambda _: Request("GET", "/readyz", tag="readyz"), workers=1,
+                          think_s=interval, timeout=5, parse=self._parse)
+
+    def _parse(self, o: Outcome, r: Answer) -> None:
+        self.samples.append((o.sent, {**(r.json() if r.status == 200 else {}),
+                                      "http": r.status}))
+
+    def __enter__(self) -> ReadyProbe:
+        self._load.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._load.stop()
+
+    @property
+    def outcomes(self) -> list[Outcome]:
+        return self._load.outcomes
+
+
+def redis_outage(workdir: Path, lengths: Lengths, redis_server: Any) -> dict[str, Any]:
+    """Forecasts (and model reads) keep answering 200 while Redis is dead for
+    `redis_outage_s`; after the restart the cache refills and a promotion made through a second
+    registry instance reaches the service as a pub/sub event (well inside the 10 s resync)."""
+    root = workdir / "registry"
+    family(root, versions=2)
+    prefix = f"rel-{uuid.uuid4().hex[:8]}:"
+    problems: list[str] = []
+    tl = Timeline()
+    client = redis.Redis.from_url(redis_server.url, socket_connect_timeout=0.5)
+
+    def keys(kind: str) -> list[bytes]:
+        return list(client.scan_iter(f"{prefix}*:{kind}:{NAME}*"))
+
+    def mixed(i: int) -> Request:
+        if i % 10 == 9:  # reads the alias map through the cache on every call
+            return Request("GET", f"/v1/models/{NAME}", tag="models")
+        return forecast_request(i)
+
+    with ServiceProcess(workdir, root, redis_url=redis_server.url, redis_prefix=prefix,
+                        alias_refresh_s=0) as svc:
+        _problem(problems, _readyz(svc).get("events") is True,
+                 "the service is not listening to alias events at start")
+        rss_before = svc.rss_mb()
+        load = Load(svc.url, mixed, workers=lengths.load_workers, think_s=0.002)
+        with ReadyProbe(svc) as probe, RssSampler(svc).running() as rss:
+            load.start()
+            time.sleep(lengths.redis_settle_s)
+            redis_server.stop()
+            tl.mark("redis_killed")
+            try:
+                wait_until(lambda: _readyz(svc).get("cache_available") is False, 5,
+                           what="the outage noticed")
+                tl.mark("outage_noticed")
+            except AssertionError as exc:
+                problems.append(str(exc))
+            time.sleep(max(0.0, lengths.redis_outage_s - (time.monotonic()
+                                                         - tl.marks["redis_killed"])))
+            redis_server.start()
+            tl.mark("redis_restarted")
+            try:
+                wait_until(lambda: _readyz(svc).get("events") is True, 15,
+                           what="alias events resubscribed")
+                tl.mark("events_back")
+                wait_until(lambda: keys("aliases"), 5, what="alias map cached again")
+                tl.mark("cache_refilled")
+            except AssertionError as exc:
+                problems.append(str(exc))
+            # Promote from elsewhere (another replica, the CLI): filesystem + Redis event.
+            time.sleep(0.5)
+            asyncio.run(_promote_elsewhere(root, redis_server.url, prefix, 2))
+            tl.mark("promoted")
+            try:
+                wait_until(lambda: _serving(svc) == 2, 5, what="the promotion applied")
+                tl.mark("swapped")
+                wait_until(lambda: keys("onnx"), 5, what="the new version's bytes cached")
+            except AssertionError as exc:
+                problems.append(str(exc))
+            time.sleep(lengths.redis_settle_s)
+            outcomes = load.stop()
+            metrics_text = svc.metrics()
+        rss_after = svc.rss_mb()
+    client.close()
+    swap_s = (tl.marks["swapped"] - tl.marks["promoted"]) if "swapped" in tl.marks else None
+    forecasts = [o for o in outcomes if o.tag == "forecast"]
+    during = [o for o in outcomes if tl.marks["redis_killed"] <= o.sent
+              <= tl.marks["redis_restarted"]]
+    ready = [s for _, s in probe.samples]
+    _problem(problems, all(o.status == 200 and o.error is None for o in outcomes),
+             f"failed requests: {failures(outcomes)}")
+    _problem(problems, len(during) > 0, "no request was sent during the outage")
+    _problem(problems, all(consistent(o) for o in forecasts if o.status == 200),
+             "an answer does not match its stated version")
+    _problem(problems, all(s["http"] == 200 for s in ready) and probe.outcomes
+             and all(o.error is None for o in probe.outcomes), "/readyz flapped")
+    _problem(problems, any(s.get("cache_available") is False for s in ready),
+             "/readyz never reported the cache down")
+    _problem(problems, swap_s is not None and swap_s < 5.0,
+             f"promotion took {swap_s} s to apply (pub/sub should be < 5 s; resync is 10 s)")
+    _problem(problems, metric_value(metrics_text, "distilcast_registry_cache_available") == 1,
+             "cache gauge not back to 1")
+    after = [o.version for o in forecasts if "swapped" in tl.marks
+             and o.sent > tl.marks["swapped"]]
+    _problem(problems, bool(after) and set(after) == {2}, "answers after the swap not all v2")
+    return summarise(
+        "redis_outage", outcomes, rss_before=rss_before, rss_after=rss_after,
+        rss_peak_mb=round(rss.peak, 1), requests_during_outage=len(during),
+        failed_during_outage=sum(1 for o in during if o.status != 200 or o.error),
+        outage_s=round(tl.marks["redis_restarted"] - tl.marks["redis_killed"], 2),
+        events_back_after_restart_s=_since(tl, "redis_restarted", "events_back"),
+        cache_refilled_after_restart_s=_since(tl, "redis_restarted", "cache_refilled"),
+        promotion_to_swap_s=None if swap_s is None else round(swap_s, 3),
+        readyz_samples=len(ready), readyz_not_200=sum(1 for s in ready if s["http"] != 200),
+        versions_seen=dict(Counter(str(o.version) for o in forecasts)),
+        timeline_s=tl.relative(), problems=problems,
+    )
+
+
+def _since(tl: Timeline, a: str, b: str) -> float | None:
+    if a in tl.marks and b in tl.marks:
+        return round(tl.marks[b] - tl.marks[a], 3)
+    return None
+
+
+async def _promote_elsewhere(root: Path, url: str, prefix: str, version: int) -> None:
+    registry = Registry(FilesystemStore(root), RedisCache(url, prefix))
+    try:
+        await registry.promote(NAME, "production", version)
+    finally:
+        await registry.close()
+
+
+# -- 2. Promotions under load ----------------------------------------------------------------------
+
+
+def promotions(workdir: Path, lengths: Lengths) -> dict[str, Any]:
+    """Promote production to v2, v3, ... under load. Every answer is 200 and computed by the
+    version it names; ordered by completion, the version switches exactly at the promotions."""
+    root = workdir / "registry"
+    k = lengths.promotions
+    family(root, versions=k + 1)
+    problems: list[str] = []
+    windows: list[tuple[float, float, int]] = []  # (PUT sent, PUT answered, version)
+    with ServiceProcess(workdir, root, alias_refresh_s=0) as svc, svc.client() as c:
+        rss_before = svc.rss_mb()
+        load = Load(svc.url, forecast_request, workers=lengths.load_workers).start()
+        time.sleep(lengths.promotion_interval_s)
+        for version in range(2, k + 2):
+            sent = time.monotonic()
+            r = c.put(f"/v1/models/{NAME}/aliases/production", json={"version": version},
+                      headers=AUTH)
+            answered = time.monotonic()
+            windows.append((sent, answered, version))
+            ok = r.status_code == 200 and r.json().get("serving") == version
+            _problem(problems, ok, f"promotion to {version}: {r.status_code} {r.text[:200]}")
+            time.sleep(lengths.promotion_interval_s)
+        outcomes = load.stop()
+        rss_after = svc.rss_mb()
+    check = check_switch_points(outcomes, windows)
+    _problem(problems, all(o.status == 200 and o.error is None for o in outcomes),
+             f"failed requests: {failures(outcomes)}")
+    _problem(problems, all(consistent(o) for o in outcomes if o.status == 200),
+             "an answer does not match its stated version (mixed model)")
+    _problem(problems, check["outside_window"] == 0,
+             f"{check['outside_window']} answers carry a version not live during the request")
+    _problem(problems, check["regressions"] == 0,
+             f"{check['regressions']} version regressions in completion order")
+    _problem(problems, check["switches"] == k,
+             f"{check['switches']} switch points between promotions, expected {k}")
+    return summarise("promotions", outcomes, rss_before=rss_before, rss_after=rss_after,
+                     promotions=k, promote_put_ms_max=round(max(
+                         (b - a) * 1000 for a, b, _ in windows), 1),
+                     **check, problems=problems)
+
+
+def check_switch_points(outcomes: list[Outcome], windows: list[tuple[float, float, int]]
+                        ) -> dict[str, Any]:
+    """Versions against promotion windows [PUT sent, PUT answered] (the replica switches inside).
+
+    * outside_window: answers whose version was not live at any instant of [sent, done];
+    * in completion order, among answers that overlap no promotion window, `regressions`
+      counts decreases and `switches` the changes (expected: one per promotion)."""
+    first = windows[0][2] - 1 if windows else 1
+
+    def live_range(sent: float, done: float) -> tuple[int, int]:
+        lo = max([v for _, answered, v in windows if answered <= sent], default=first)
+        hi = max([v for put, _, v in windows if put <= done], default=first)
+        return lo, hi
+
+    ok = [o for o in outcomes if o.status == 200 and o.version is not None]
+    outside = 0
+    for o in ok:
+        lo, hi = live_range(o.sent, o.done)
+        if not lo <= (o.version or 0) <= hi:
+            outside += 1
+    clear = sorted((o for o in ok if not any(o.sent <= b and o.done >= a for a, b, _ in windows)),
+                   key=lambda o: o.done)
+    versions = [o.version for o in clear]
+    switches = sum(1 for a, b in zip(versions, versions[1:], strict=False) if a != b)
+    regressions = sum(1 for a, b in zip(versions, versions[1:], strict=False)
+                      if (a or 0) > (b or 0))
+    return {
+        "outside_window": outside,
+        "switches": switches,
+        "regressions": regressions,
+        "answers_overlapping_a_promotion": len(ok) - len(clear),
+        "versions_seen": dict(Counter(str(o.version) for o in ok)),
+    }
+
+
+# -- 3. A corrupted artifact promoted --------------------------------------------------------------
+
+
+def corrupt_artifact(workdir: Path, lengths: Lengths) -> dict[str, Any]:
+    """v2's bytes rot on disk. (a) Promoting it through the admin API is refused (409, sha256);
+    (b) an alias moved past the registry's check (another replica promoted it before the rot) is
+    refused by the service's load. Both times v1 keeps serving; metrics and logs say so."""
+    root = workdir / "registry"
+    store = family(root, versions=2)
+    onnx_path = store.onnx_path(NAME, 2)
+    data = bytearray(onnx_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: still the right size, wrong sha256
+    onnx_path.write_bytes(bytes(data))
+    problems: list[str] = []
+    with ServiceProcess(workdir, root, alias_refresh_s=0.5) as svc, svc.client() as c:
+        rss_before = svc.rss_mb()
+        load = Load(svc.url, forecast_request, workers=2, think_s=0.01).start()
+        time.sleep(lengths.redis_settle_s)
+        r = c.put(f"/v1/models/{NAME}/aliases/production", json={"version": 2}, headers=AUTH)
+        api_refusal = {"status": r.status_code, **r.json().get("error", {})}
+        _problem(problems, r.status_code == 409 and "sha256" in r.text,
+                 f"API promotion of a corrupt version: {r.status_code} {r.text[:200]}")
+        _problem(problems, store.aliases(NAME)["production"] == 1,
+                 "the registry moved the alias despite the refusal")
+        # (b) the alias file says v2 (written as another replica's promotion would have).
+        (root / NAME / "aliases.json").write_text(json.dumps({"production": 2}))
+        try:
+            wait_until(lambda: metric_value(svc.metrics(), "distilcast_model_loads_total",
+                                            model=NAME, outcome="IntegrityError") >= 2, 10,
+                       what="the failed load counted")
+        except AssertionError as exc:
+            problems.append(str(exc))
+        time.sleep(lengths.redis_settle_s)
+        outcomes = load.stop()
+        text = svc.metrics()
+        model = c.get(f"/v1/models/{NAME}").json()
+        ready = _readyz(svc)
+        rss_after = svc.rss_mb()
+    log = svc.log()
+    failures = metric_value(text, "distilcast_model_loads_total", model=NAME,
+                            outcome="IntegrityError")
+    _problem(problems, all(o.status == 200 and o.error is None for o in outcomes),
+             "a forecast failed while the corrupt version was promoted")
+    _problem(problems, {o.version for o in outcomes} == {1}, "something other than v1 served")
+    _problem(problems, model["aliases"].get("production") == 2
+             and model["serving"]["aliases"].get("production") == 1,
+             f"registry/serving view unexpected: {model['aliases']} / {model['serving']}")
+    _problem(problems, ready["http"] == 200, "the replica went unready")
+    _problem(problems, "refused to promote" in log and "integrity check failed" in log,
+             "the refused promotion is not in the log")
+    _problem(problems, "previous version keeps serving" in log,
+             "the refused load is not in the log")
+    return summarise("corrupt_artifact", outcomes, rss_before=rss_before, rss_after=rss_after,
+                     api_refusal=api_refusal, loads_integrity_error_total=failures,
+                     versions_seen=dict(Counter(str(o.version) for o in outcomes)),
+                     log_lines=[line for line in log.splitlines()
+                                if "integrity" in line or "refused" in line
+                                or "keeps serving" in line][:3],
+                     problems=problems)
+
+
+# -- 4. Overload at ~4x capacity -------------------------------------------------------------------
+
+RECOVERY = 0.25  # the load after the overload, as a fraction of the measured capacity
+PARSE_SERIES = 500  # series of LOOKBACK x 7 per request: ~0.6 MB of JSON, parsing dominates
+PARSE_BODY = json.dumps({"model": NAME, "series": [
+    {"id": i, "values": [[float(t % 7) + c for c in range(7)] for t in range(LOOKBACK)]}
+    for i in range(PARSE_SERIES)]}).encode()
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What saturates first: `inference` (a heavy model behind a small batcher queue) or
+    `parse` (big JSON bodies: the event loop, bounded by the in-flight byte budget)."""
+
+    kind: str
+    settings: dict[str, Any]
+    request: Callable[[int], Request]
+    admitted: int  # requests the service holds at once when saturated (queue + batch, or budget)
+    rss_growth_mb: float  # the bound on RSS growth during the overload
+    parse: Callable[[Outcome, Answer], None] = parse_forecast
+
+
+def heavy_request(_: int) -> Request:
+    return Request("POST", FORECAST, forecast_body(channels=HEAVY_CHANNELS,
+                                                   lookback=HEAVY_LOOKBACK), JSON)
+
+
+def workload(kind: str) -> Workload:
+    if kind == "inference":
+        settings = {"batch_max_size": 32, "batch_max_queue": 8, "inline_max_ms": 0,
+                    "alias_refresh_s": 0}
+        batch = settings["batch_max_size"] // HEAVY_CHANNELS  # rows per request
+        # Small requests queue in the batcher: memory hardly moves.
+        return Workload(kind, settings, heavy_request, settings["batch_max_queue"] + batch, 32.0)
+    budget = 4 * 1024 * 1024
+    settings = {"max_in_flight_bytes": budget, "alias_refresh_s": 0}
+    # Bodies in flight stay under the budget, but parsing one expands it ~8x into Python
+    # objects and the allocator keeps its high-water mark: 64 MB + 8 x the budget.
+    return Workload(kind, settings, lambda _: Request("POST", FORECAST, PARSE_BODY, JSON),
+                    budget // len(PARSE_BODY), 64.0 + 8 * budget / 2**20, parse_length)
+
+
+def overload(workdir: Path, lengths: Lengths, kind: str = "inference", factor: float = 4.0
+             ) -> dict[str, Any]:
+    """Measure capacity (closed loop), offer `factor` x that open loop, then a quarter of it.
+
+    Expected: only 200 and 503 + Retry-After; no client timeout and every answer inside the
+    budget the configured bounds imply: 3 x (requests admitted at once + 1) at the measured
+    rate + 1 s; RSS growth under the workload's bound; afterwards, at a quarter of the capacity
+    (two shared cores: the capacity itself moves by half within a minute), only 200s."""
+    work = workload(kind)
+    root = workdir / "registry"
+    if kind == "inference":
+        heavy_family(root)
+    else:
+        family(root)
+    problems: list[str] = []
+    with ServiceProcess(workdir, root, **work.settings) as svc:
+        rss_before = svc.rss_mb()
+        # Enough clients to keep the service saturated (batching included).
+        cap_out = Load(svc.url, work.request, workers=work.admitted, timeout=60,
+                       parse=work.parse).run_for(
+            lengths.overload_capacity_s)
+        ok = [o for o in cap_out if o.status == 200]
+        capacity = len(ok) / lengths.overload_capacity_s
+        base_p99 = percentile([o.ms for o in ok], 99) or 0.0
+        per_request = 1.0 / max(capacity, 1e-6)
+        budget_s = 3.0 * (work.admitted + 1) * per_request + 1.0
+        rate = factor * capacity
+        sampler = RssSampler(svc)
+        with sampler.running():
+            for _attempt in range(2):
+                generator = Load(svc.url, work.request, rate=rate, timeout=2 * budget_s + 5,
+                                 max_outstanding=2048, parse=work.parse)
+                over = generator.run_for(lengths.overload_s)
+                if any(o.status in (503, 429) for o in over):
+                    break
+                # Two shared cores: the capacity moves within a minute. Nothing refused means
+                # it was measured low; offer twice as much once more.
+                rate, factor = 2 * rate, 2 * factor
+            rss_during = sampler.between(generator.started, generator.stopped)
+            time.sleep(1.0)  # what was admitted drains
+            recover = Load(svc.url, work.request, rate=RECOVERY * capacity,
+                           timeout=2 * budget_s + 5, parse=work.parse).run_for(
+                               lengths.overload_recovery_s)
+        rss_after = svc.rss_mb()
+        text = svc.metrics()
+    codes = Counter(o.status for o in over)
+    answered = [o for o in over if o.status is not None and o.error is None]
+    bad_status = [o for o in over if o.status not in (200, 503, 429)]
+    no_retry = [o for o in over if o.status in (503, 429) and not o.retry_after]
+    slow = [o for o in answered if o.ms > budget_s * 1000]
+    recovered = [o for o in recover if o.status == 200 and o.error is None]
+    _problem(problems, capacity > 0, "no capacity measured")
+    _problem(problems, not bad_status,
+             f"answers other than 200/503/429: {Counter((o.status, o.error) for o in bad_status)}")
+    _problem(problems, not no_retry, f"{len(no_retry)} rejections without Retry-After")
+    _problem(problems, not slow, f"{len(slow)} answers slower than the {budget_s:.2f} s budget "
+             f"(slowest {max(o.ms for o in slow) if slow else 0:.0f} ms)")
+    _problem(problems, codes.get(503, 0) + codes.get(429, 0) > 0,
+             f"no request was refused at {factor}x capacity: the overload was not reached")
+    _problem(problems, codes.get(200, 0) > 0, "nothing served during the overload")
+    _problem(problems, sampler.peak - rss_before <= work.rss_growth_mb,
+             f"RSS grew {sampler.peak - rss_before:.1f} MB (bound {work.rss_growth_mb})")
+    _problem(problems, bool(over) and not any(o.error == "timeout" for o in over),
+             "client timeouts during the overload")
+    _problem(problems, len(recovered) == len(recover) and len(recover) > 0,
+             f"after the overload: {Counter((o.status, o.error) for o in recover)}")
+    _problem(problems, all(o.ms <= budget_s * 1000 for o in recovered),
+             "answers after the overload slower than the budget")
+    _problem(problems, generator.not_sent == 0, f"the generator fell behind ({generator.not_sent})")
+    rec = summarise("overload" if kind == "inference" else f"overload_{kind}", over,
+                    ok=lambda o: o.status in (200, 503, 429) and o.error is None
+                    and (o.status == 200 or bool(o.retry_after)),
+                    rss_before=rss_before, rss_after=rss_after)
+    served_ms = [o.ms for o in over if o.status == 200]
+    refused_ms = [o.ms for o in over if o.status == 503]
+    rec.update({
+        "bottleneck": kind, "body_bytes": len(work.request(0).body or b""),
+        "capacity_rps": round(capacity, 1), "capacity_p99_ms": round(base_p99, 1),
+        "offered_rps": round(rate, 1), "factor": factor,
+        "achieved_send_rps": round(len(over) / lengths.overload_s, 1),
+        "not_sent_by_generator": generator.not_sent,
+        "served_rps": round(codes.get(200, 0) / lengths.overload_s, 1),
+        "served_p99_ms": _r(percentile(served_ms, 99)),
+        "refused_p99_ms": _r(percentile(refused_ms, 99)),
+        "budget_s": round(budget_s, 2), "answers_over_budget": len(slow),
+        "timeouts": sum(1 for o in over if o.error == "timeout"),
+        "retry_after_values": dict(Counter(o.retry_after for o in over if o.status == 503)),
+        "rss_peak_mb": round(sampler.peak, 1), "rss_during_overload_mb": rss_during,
+        "rss_bound_mb": round(rss_before + work.rss_growth_mb, 1),
+        "recovery": {"offered_rps": round(RECOVERY * capacity, 1), "requests": len(recover),
+                     "ok": len(recovered), "p99_ms": _r(percentile([o.ms for o in recovered],
+                                                                   99))},
+        "rejections_overloaded_total": metric_value(text, "distilcast_rejections_total",
+                                                    reason="overloaded"),
+        "service_settings": work.settings, "problems": problems,
+    })
+    return rec
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
+# -- 5. Graceful shutdown under load ---------------------------------------------------------------
+
+
+RACE_S = 0.05
+
+
+def graceful_shutdown(workdir: Path, lengths: Lengths, workers: int = 1) -> dict[str, Any]:
+    """SIGTERM to scripts/launch_service.sh while requests are in flight: each of those completes
+    (200, whole body); requests sent after it are refused cleanly (connection refused, 503, or a
+    keep-alive connection closed before any answer) - never a timeout or a truncated answer."""
+    root = workdir / "registry"
+    heavy_family(root)
+    problems: list[str] = []
+    # One request per session call, twelve clients: requests queue for a few hundred ms, so
+    # several are in flight whenever the signal comes.
+    svc = ServiceProcess(workdir, root, workers=workers, alias_refresh_s=0,
+                         batch_max_size=HEAVY_CHANNELS, inline_max_ms=0).start()
+    try:
+        rss_before = svc.rss_mb()
+        load = Load(svc.url, heavy_request, workers=12, timeout=30).start()
+        time.sleep(lengths.shutdown_load_s)
+        rss_loaded = svc.rss_mb()  # "after": the process is gone once the scenario ends
+        t_term = time.monotonic()
+        svc.terminate()
+        try:
+            code = svc.wait(timeout=30)
+        except Exception:  # noqa: BLE001  # reported as a problem below
+            code = None
+        t_exit = time.monotonic()
+        time.sleep(0.5)  # requests against the closed port
+        outcomes = load.stop()
+    finally:
+        svc.stop()
+    # In flight: sent well before the signal (the service reads a request within milliseconds
+    # here) and not answered yet. A request sent in the last RACE_S may not have been read when
+    # the signal came: like later ones, it may be served, refused (503, connection refused) or
+    # find its keep-alive connection closed before any answer - never cut or left hanging.
+    inflight = [o for o in outcomes if o.sent < t_term - RACE_S and o.done > t_term]
+    after = [o for o in outcomes if o.sent >= t_term - RACE_S and o.done > t_term]
+    clean_after = {"refused", "disconnected"}
+    bad_inflight = [o for o in inflight if not (o.status == 200 and o.error is None)]
+    bad_after = [o for o in after if not ((o.status == 200 and o.error is None)
+                                          or (o.status == 503 and o.retry_after)
+                                          or o.error in clean_after)]
+    # 143: single-process uvicorn re-raises the SIGTERM it handled once it has drained, so the
+    # script reports "terminated by SIGTERM"; with several workers the supervisor exits 0.
+    _problem(problems, code in (0, 143), f"launch script exit status {code}")
+    _problem(problems, len(inflight) > 0, "no request was in flight at SIGTERM")
+    _problem(problems, not bad_inflight,
+             f"in-flight requests cut: {Counter((o.status, o.error) for o in bad_inflight)}")
+    _problem(problems, not bad_after,
+             f"unclean refusals: {Counter((o.status, o.error) for o in bad_after)}")
+    _problem(problems, not [o for o in outcomes if o.error in ("timeout", "truncated")],
+             "a timeout or truncated answer")
+    return summarise(
+        "graceful_shutdown", outcomes, ok=lambda o: o not in bad_inflight and o not in bad_after
+        and (o.done > t_term or o.status == 200),
+        rss_before=rss_before, rss_after=rss_loaded, workers=workers, exit_status=code,
+        shutdown_s=round(t_exit - t_term, 3), in_flight_at_sigterm=len(inflight),
+        in_flight_completed=len(inflight) - len(bad_inflight),
+        sent_after_sigterm=len(after), race_window_s=RACE_S,
+        after_sigterm=dict(Counter(str(o.status) if o.status else o.error for o in after)),
+        problems=problems,
+    )
+
+
+# -- 6. Hostile input ------------------------------------------------------------------------------
+
+HOSTILE_SETTINGS = {"alias_refresh_s": 0, "max_body_bytes": hostile.MAX_BODY,
+                    "max_series_per_request": 50}
+
+
+def hostile_input(workdir: Path, lengths: Lengths, *, derandomize: bool = True
+                  ) -> dict[str, Any]:
+    """Hand-written hostile requests, then schemathesis over /openapi.json (positive and
+    negative cases per operation) and a shape-aware fuzz of the numeric core: no 5xx, no hang,
+    refusals in our error format naming the field."""
+    root = workdir / "registry"
+    family(root)
+    problems: list[str] = []
+    with ServiceProcess(workdir, root, **HOSTILE_SETTINGS) as svc:
+        rss_before = svc.rss_mb()
+        cases = hostile.run_cases(svc.url)
+        fuzz = hostile.schemathesis_fuzz(svc.url, lengths.fuzz_examples,
+                                         derandomize=derandomize)
+        core = hostile.core_fuzz(svc.url, lengths.fuzz_examples * 4, derandomize=derandomize)
+        alive = httpx.get(f"{svc.url}/readyz", timeout=5).status_code
+        rss_after = svc.rss_mb()
+        log = svc.log()
+    problems += [p for c in cases if (p := c.problem)]
+    for report, what in ((fuzz, "schemathesis"), (core, "core fuzz")):
+        problems += [f"{what}: server error {e}" for e in report.server_errors[:5]]
+        problems += [f"{what}: not our error body {e}" for e in report.not_our_error_shape[:5]]
+        problems += [f"{what}: {e}" for e in report.bad_answers]
+    _problem(problems, alive == 200, "the service is not ready after the hostile input")
+    _problem(problems, "Traceback" not in log, "a traceback in the service log")
+    codes: Counter[str] = Counter()
+    for c in cases:
+        codes[str(c.status) if c.status is not None else (c.error or "none")] += 1
+    for report in (fuzz, core):
+        codes.update({str(k): v for k, v in report.status_codes.items()})
+    n = len(cases) + fuzz.cases + core.cases
+    failed = sum(1 for c in cases if c.problem) + len(fuzz.server_errors) + len(
+        core.server_errors)
+    lat = [c.ms for c in cases] + fuzz.latencies_ms + core.latencies_ms
+    return {
+        "scenario": "hostile_input", "requests": n, "succeeded": n - failed, "failed": failed,
+        "status_codes": dict(sorted(codes.items())), "p50_ms": _r(percentile(lat, 50)),
+        "p99_ms": _r(percentile(lat, 99)), "max_ms": _r(max(lat) if lat else None),
+        "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
+        "hand_written_cases": len(cases),
+        "schemathesis_cases": fuzz.cases,
+        "schemathesis_by_operation": dict(fuzz.by_operation),
+        "schemathesis_server_errors": len(fuzz.server_errors),
+        "schemathesis_s": round(fuzz.seconds, 1),
+        "core_fuzz_cases": core.cases, "core_fuzz_server_errors": len(core.server_errors),
+        "examples_per_operation_and_mode": lengths.fuzz_examples,
+        "derandomized": derandomize, "problems": problems,
+    }
+
+
+# -- 7. Security -----------------------------------------------------------------------------------
+
+
+def security_checks(workdir: Path, lengths: Lengths) -> dict[str, Any]:
+    """Admin routes refuse missing/wrong tokens (and every token when none is configured);
+    traversal in model names and aliases is refused with 4xx and a model directory symlinked
+    from outside the root is never served; no pickle/torch in the serving imports or sources;
+    the service image's runtime stage is not root."""
+    root = workdir / "registry"
+    outside = workdir / "outside"
+    outside.mkdir()
+    family(root)
+    linked = security.escaping_symlink(root, outside)
+    problems = security.static_problems()
+    with ServiceProcess(workdir, root, alias_refresh_s=0) as svc:
+        rss_before = svc.rss_mb()
+        probes, http_problems = security.http_probes(svc.url, root, outside, linked=linked)
+        rss_after = svc.rss_mb()
+    problems += http_problems
+    with ServiceProcess(workdir, root, alias_refresh_s=0, admin_token="") as svc:
+        r = httpx.put(f"{svc.url}/v1/models/{NAME}/aliases/production", json={"version": 1},
+                      headers=AUTH, timeout=10)
+    probes.append(security.Probe("admin disabled: any token", r.status_code, "403",
+                                 r.status_code == 403, r.text[:160]))
+    _problem(problems, r.status_code == 403, f"admin disabled answered {r.status_code}")
+    stage = security.final_stage(security.REPO / "docker" / "service.Dockerfile")
+    return {
+        "scenario": "security", **security.summary(probes), "p99_ms": None,
+        "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
+        "runtime_user": stage.user, "runtime_base": stage.base,
+        "forbidden_modules_checked": list(security.FORBIDDEN_MODULES),
+        "problems": problems,
+    }

@@ -1,0 +1,64 @@
+"""Faults under load: Redis killed and restarted, promotions, a corrupted artifact promoted.
+
+Each test runs the service as a process (scripts/launch_service.sh) and asserts that the
+scenario's record (tests/reliability/scenarios.py) lists no problem; the record is printed on
+failure. bench/reliability.py runs the same scenarios at full length.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.models_registry.conftest import RedisServer
+from tests.reliability import scenarios
+from tests.reliability.harness import Lengths, Outcome
+
+pytestmark = pytest.mark.slow
+
+
+def ok(record: dict[str, Any]) -> None:
+    assert record["problems"] == [], json.dumps(record, indent=1, default=str)
+
+
+def test_redis_killed_and_restarted_under_load(tmp_path: Path, lengths: Lengths,
+                                               redis_server: RedisServer) -> None:
+    record = scenarios.redis_outage(tmp_path, lengths, redis_server)
+    ok(record)
+    assert record["failed"] == 0 and record["requests_during_outage"] > 0
+    assert record["promotion_to_swap_s"] < 5.0  # the pub/sub event, not the 10 s resync
+
+
+def test_promotions_under_load_switch_exactly_at_the_promotions(tmp_path: Path,
+                                                                lengths: Lengths) -> None:
+    record = scenarios.promotions(tmp_path, lengths)
+    ok(record)
+    assert record["failed"] == 0 and record["switches"] == lengths.promotions
+    assert set(record["versions_seen"]) == {str(v) for v in range(1, lengths.promotions + 2)}
+
+
+def test_a_corrupted_artifact_is_refused_and_the_old_version_serves(tmp_path: Path,
+                                                                    lengths: Lengths) -> None:
+    record = scenarios.corrupt_artifact(tmp_path, lengths)
+    ok(record)
+    assert record["api_refusal"]["status"] == 409 and record["api_refusal"]["field"] == "version"
+    assert record["loads_integrity_error_total"] >= 2
+
+
+def _o(sent: float, done: float, version: int) -> Outcome:
+    return Outcome("forecast", sent, done, 200, version=version)
+
+
+def test_the_switch_point_check_catches_a_late_or_early_switch() -> None:
+    windows = [(10.0, 10.1, 2)]
+    good = [_o(9.0, 9.5, 1), _o(9.9, 10.2, 1), _o(10.05, 10.3, 2), _o(11.0, 11.1, 2)]
+    check = scenarios.check_switch_points(good, windows)
+    assert check["outside_window"] == 0 and check["switches"] == 1
+    late = [*good, _o(11.2, 11.3, 1)]  # v1 answered after the promotion had returned
+    check = scenarios.check_switch_points(late, windows)
+    assert check["outside_window"] == 1 and check["regressions"] == 1
+    early = [_o(9.0, 9.5, 2), *good]  # v2 before anyone promoted it
+    assert scenarios.check_switch_points(early, windows)["outside_window"] == 1
