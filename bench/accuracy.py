@@ -71,10 +71,7 @@ def supervised(model: str) -> Recipe:
             build_model(model, lookback=args.lookback, horizon=horizon, **cfg.model_settings)
         )
         return {
-            "mse": round(result.test["mse"], 5),
-            "mae": round(result.test["mae"], 5),
-            "mse_raw": round(result.test["mse_raw"], 5),
-            "mae_raw": round(result.test["mae_raw"], 5),
+            **result.test_record(),
             "params": params,
             "train_seconds": round(result.train_seconds, 1),
             "wall_seconds": round(time.perf_counter() - t0, 1),
@@ -88,13 +85,19 @@ def supervised(model: str) -> Recipe:
 RECIPES: dict[str, Recipe] = {name: supervised(name) for name in MODELS}
 
 # Other recipe families (teachers, distilled students) live in their own modules beside this one,
-# each exposing ``RECIPES: dict[str, Recipe]`` with the record names the issues fix.
+# each exposing ``RECIPES: dict[str, Recipe]`` with the record names the issues fix, and
+# optionally ``markdown_notes(records) -> list[str]``: lines appended to ``accuracy.md``.
+NOTES: list[Callable[[list[dict[str, Any]]], list[str]]] = []
 for _module in ("accuracy_teachers", "accuracy_distill"):
     try:
-        RECIPES.update(__import__(_module).RECIPES)
+        _mod = __import__(_module)
     except ModuleNotFoundError as _exc:
         if _exc.name != _module:
             raise
+        continue
+    RECIPES.update(_mod.RECIPES)
+    if hasattr(_mod, "markdown_notes"):
+        NOTES.append(_mod.markdown_notes)
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
@@ -124,6 +127,8 @@ def write_markdown(records: list[dict[str, Any]], path: Path) -> None:
             )
         for name, mse, mae in PUBLISHED.get((dataset, horizon), []):
             lines.append(f"| {dataset} | {horizon} | *{name}* | | {mse:.3f} | {mae:.3f} | | | |")
+    for notes in NOTES:
+        lines += notes(records)
     path.write_text("\n".join(lines) + "\n")
 
 

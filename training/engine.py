@@ -65,6 +65,10 @@ class FitResult:
             "mae_raw": self.test["mae_raw"],
         }
 
+    def test_record(self, digits: int = 5) -> dict[str, float]:
+        """Test MSE/MAE (normalised and raw scale), rounded for a benchmark record."""
+        return {k: round(self.test[k], digits) for k in ("mse", "mae", "mse_raw", "mae_raw")}
+
 
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
@@ -118,6 +122,72 @@ def _lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr
 
 
+Step = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass
+class EpochStats:
+    lr: float
+    loss: float  # mean training loss per window
+    parts: dict[str, float]  # mean of each named part of the loss per window
+
+
+def train_epoch(
+    train: WindowSet,
+    cfg: TrainConfig,
+    epoch: int,
+    optim: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    step: Step,
+    generator: torch.Generator,
+    desc: str,
+    after_step: Callable[[], None] | None = None,
+) -> EpochStats:
+    """One epoch: set the scheduled lr, shuffle (and cap) the batches, optimise under a bar.
+
+    ``step(x, y) -> (loss, parts)``; the caller sets train mode. Shared by ``fit`` and the masked
+    pretraining (``training.pretrain``), whose ``after_step`` moves an EMA teacher.
+    """
+    lr = _lr_at(cfg, epoch)
+    for group in optim.param_groups:
+        group["lr"] = lr
+    batches = train.batches(cfg.batch_size, shuffle=True, generator=generator)
+    if cfg.max_train_batches:
+        batches = batches[: cfg.max_train_batches]
+    total, seen = 0.0, 0
+    parts_sum: dict[str, float] = {}
+    bar = tqdm(
+        batches,
+        desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
+        disable=not cfg.progress,
+        leave=False,
+        file=sys.stderr,
+        mininterval=1.0,
+    )
+    for index in bar:
+        if len(index) < 2:  # BatchNorm cannot train on a single row
+            continue
+        x, y = train.batch(index)  # [B, L, C], [B, H, C]
+        optim.zero_grad(set_to_none=True)
+        loss, parts = step(x, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite {desc} loss at epoch {epoch + 1}")
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optim.step()
+        if after_step is not None:
+            after_step()
+        total += float(loss.detach()) * len(index)
+        seen += len(index)
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + float(v) * len(index)
+        bar.set_postfix(loss=f"{total / max(seen, 1):.4f}", refresh=False)
+    bar.close()
+    n = max(seen, 1)
+    return EpochStats(lr, total / n, {k: v / n for k, v in parts_sum.items()})
+
+
 def fit(
     model: nn.Module,
     data: PreparedData,
@@ -166,45 +236,24 @@ def fit(
         if bad_epochs >= cfg.patience:
             break
         t0 = time.perf_counter()
-        lr = _lr_at(cfg, epoch)
-        for group in optim.param_groups:
-            group["lr"] = lr
         trainable.train()
         model.train()
-        batches = train.batches(cfg.batch_size, shuffle=True, generator=generator)
-        if cfg.max_train_batches:
-            batches = batches[: cfg.max_train_batches]
-        total, seen = 0.0, 0
-        bar = tqdm(
-            batches,
-            desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
-            disable=not cfg.progress,
-            leave=False,
-            file=sys.stderr,
-            mininterval=1.0,
+        stats = train_epoch(
+            train,
+            cfg,
+            epoch,
+            optim,
+            list(trainable.parameters()),
+            lambda x, y: (objective(x, y), {}),
+            generator,
+            desc,
         )
-        for index in bar:
-            if len(index) < 2:  # BatchNorm cannot train on a single row
-                continue
-            x, y = train.batch(index)
-            optim.zero_grad(set_to_none=True)
-            loss = objective(x, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}")
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(trainable.parameters(), cfg.grad_clip)
-            optim.step()
-            total += float(loss.detach()) * len(index)
-            seen += len(index)
-            bar.set_postfix(loss=f"{total / max(seen, 1):.4f}", refresh=False)
-        bar.close()
         val_metrics = evaluate(model, val, data.scaler, cfg.eval_batch_size)
         elapsed += time.perf_counter() - t0
         row = {
             "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": total / max(seen, 1),
+            "lr": stats.lr,
+            "train_loss": stats.loss,
             "val_mse": val_metrics["mse"],
             "seconds": round(elapsed, 2),
         }

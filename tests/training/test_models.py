@@ -12,6 +12,9 @@ L, H, C, B = 48, 12, 3, 8
 TINY: dict[str, dict[str, object]] = {
     "mlp": {"hidden": 32},
     "patchtst": {"d_model": 8, "n_heads": 2, "d_ff": 16, "n_layers": 1},
+    "simmtm": {"d_model": 8, "n_heads": 2, "d_ff": 16, "n_layers": 1, "proj_dim": 16},
+    "himtm": {"patch_len": 6, "d_model": 8, "n_heads": 2, "d_ff": 16},
+    "dmae": {"d_model": 8, "n_heads": 2, "d_ff": 16, "n_layers": 1},
 }
 
 
@@ -66,7 +69,7 @@ def test_a_training_step_lowers_the_loss_on_real_windows(name: str) -> None:
         assert torch.isfinite(loss)
         loss.backward()
         optim.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
 
 

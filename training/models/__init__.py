@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from training.models import mlp, patchtst
+from training.models import dmae, himtm, mlp, patchtst, simmtm
 from training.models.base import Forecaster
 
 
@@ -24,6 +24,10 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "mlp": ModelSpec(mlp.MLPConfig, mlp.build, "student"),
     "patchtst": ModelSpec(patchtst.PatchTSTConfig, patchtst.build, "teacher"),
+    # Masked-pretraining teachers: each module also has ``build_pretrainer`` (training.pretrain).
+    "simmtm": ModelSpec(simmtm.SimMTMConfig, simmtm.build, "teacher"),
+    "himtm": ModelSpec(himtm.HiMTMConfig, himtm.build, "teacher"),
+    "dmae": ModelSpec(dmae.DMAEConfig, dmae.build, "teacher"),
 }
 
 

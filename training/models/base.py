@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from training.models.layers import RevIN
+
 
 class Forecaster(nn.Module):
     """Maps ``x [B, L, C]`` to ``y [B, H, C]`` and exposes a per-channel feature ``h [B, C, D]``.
@@ -24,3 +26,34 @@ class Forecaster(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)[0]
+
+
+class TokenForecaster(Forecaster):
+    """RevIN -> a per-series token encoder -> flatten -> dropout -> Linear to the horizon.
+
+    The shape PatchTST and the masked-pretraining teachers share: every channel's window is
+    normalised (RevIN) and encoded on its own by :meth:`encode` (``z [B*C, L] -> [B*C, T, D]``);
+    ``H_t`` is the flattened tokens, ``[B, C, T*D]``. Subclasses call ``super().__init__()``,
+    build their encoder, then :meth:`init_head` (last, so that the head's random initial weights
+    come after the encoder's, as they always did).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.revin = RevIN(affine=True)
+
+    def init_head(self, feature_dim: int, horizon: int, head_dropout: float) -> None:
+        self.feature_dim = feature_dim
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(feature_dim, horizon))
+
+    def encode(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # x: [B, L, C]
+        b, _, c = x.shape
+        mean, std = self.revin.stats(x)  # [B, 1, C]
+        z = self.revin.normalize(x, mean, std).transpose(1, 2).reshape(b * c, -1)  # [B*C, L]
+        h = self.encode(z).reshape(b, c, -1)  # [B, C, T*D]
+        y = self.head(h).transpose(1, 2)  # [B, H, C]
+        return self.revin.denormalize(y, mean, std), h

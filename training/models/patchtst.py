@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from training.models.base import Forecaster
-from training.models.layers import Encoder, Patcher, RevIN, n_patches
+from training.models.base import TokenForecaster
+from training.models.layers import Encoder, Patcher, n_patches
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class PatchTSTConfig:
     head_dropout: float = 0.0
 
 
-class PatchTST(Forecaster):
+class PatchTST(TokenForecaster):
     """PatchTST/42 (Nie et al., ICLR 2023, "A Time Series is Worth 64 Words").
 
     Channel-independent: every channel's window is cut into patches (length 16, stride 8, end
@@ -43,8 +43,6 @@ class PatchTST(Forecaster):
         self.cfg = cfg
         self.lookback, self.horizon = cfg.lookback, cfg.horizon
         self.n_patches = n_patches(cfg.lookback, cfg.patch_len, cfg.stride)
-        self.feature_dim = self.n_patches * cfg.d_model
-        self.revin = RevIN(affine=True)
         self.patcher = Patcher(cfg.patch_len, cfg.stride)
         self.embed = nn.Linear(cfg.patch_len, cfg.d_model)
         self.pos = nn.Parameter(torch.empty(self.n_patches, cfg.d_model).uniform_(-0.02, 0.02))
@@ -52,21 +50,13 @@ class PatchTST(Forecaster):
         self.encoder = Encoder(
             cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout, norm="batch"
         )
-        self.head = nn.Sequential(
-            nn.Dropout(cfg.head_dropout), nn.Linear(self.feature_dim, cfg.horizon)
-        )
+        self.init_head(self.n_patches * cfg.d_model, cfg.horizon, cfg.head_dropout)
 
-    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # x: [B, L, C]
-        b, _, c = x.shape
-        mean, std = self.revin.stats(x)  # [B, 1, C]
-        z = self.revin.normalize(x, mean, std).transpose(1, 2).reshape(b * c, -1)  # [B*C, L]
+    def encode(self, z: Tensor) -> Tensor:
+        # z: [B*C, L] (RevIN-normalised)
         patches = self.patcher(z)  # [B*C, P, patch_len]
         tokens = self.drop(self.embed(patches) + self.pos)  # [B*C, P, D]
-        enc = self.encoder(tokens)  # [B*C, P, D]
-        h = enc.reshape(b, c, -1)  # [B, C, P*D]
-        y = self.head(h).transpose(1, 2)  # [B, H, C]
-        return self.revin.denormalize(y, mean, std), h
+        return self.encoder(tokens)  # [B*C, P, D]
 
 
 def build(cfg: PatchTSTConfig) -> PatchTST:

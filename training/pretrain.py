@@ -1,0 +1,499 @@
+"""Masked pretraining of the teachers and their fine-tuning to forecast.
+
+``run_pretrain(cfg) -> PretrainResult`` trains one method's pretext task on the look-back windows
+of a dataset's train split and saves the encoder; ``run_finetune(cfg) -> FitResult`` builds the
+forecaster, optionally starts its encoder from a pretraining checkpoint, and trains it through
+``training.engine.fit`` (so the run folder has ``best.safetensors`` and a ``run.json`` with
+``model`` and ``model_config``, loadable by ``training.checkpoints.load_forecaster``).
+
+A pretraining folder holds ``encoder.safetensors`` (the backbone's weights), ``pretrain.json``
+(method, lookback, channels, model config, history, seconds) and ``last.pt`` (resume state).
+
+TOML (``training/configs/<method>.toml``): ``[model]`` architecture and pretext settings,
+``[pretrain]`` the pretraining optimisation and ``[train]`` the fine-tuning one (both with
+``TrainConfig`` fields; early stopping only applies to fine-tuning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from training.config import RunConfig, _update, build_run_config, default_config_path, load_toml
+from training.data import DataConfig, PreparedData, WindowSet, prepare
+from training.engine import (
+    FitResult,
+    TrainConfig,
+    count_params,
+    fit,
+    seed_everything,
+    train_epoch,
+)
+from training.models import MODELS, build_model, dmae, himtm, make_config, simmtm
+
+log = logging.getLogger(__name__)
+
+METHODS: dict[str, ModuleType] = {"simmtm": simmtm, "himtm": himtm, "dmae": dmae}
+"""Each module has its forecaster in ``MODELS`` and ``build_pretrainer(cfg)``, an ``nn.Module``
+with ``backbone`` (the encoder the forecaster shares, key for key), ``forward(x [B, L, C]) ->
+(loss, parts)`` and ``after_step()`` (called after each optimiser step, e.g. an EMA teacher)."""
+
+ENCODER_FILE, META_FILE, LAST_FILE = "encoder.safetensors", "pretrain.json", "last.pt"
+# Settings the fine-tuning run may change without touching the pretrained weights.
+FINETUNE_KEYS = frozenset({"lookback", "horizon", "dropout", "head_dropout"})
+
+
+class CheckpointError(ValueError):
+    """A pretraining checkpoint that cannot initialise this run; the message says why."""
+
+
+@dataclass(frozen=True)
+class PretrainRunConfig:
+    method: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model_settings: dict[str, Any] = field(default_factory=dict)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str | None = None
+    resume: bool = False
+
+    def resolved_out_dir(self) -> Path:
+        if self.out_dir:
+            return Path(self.out_dir)
+        name = _dataset_name(self.data.dataset)
+        return Path("runs") / f"{name}-{self.method}-L{self.data.lookback}-pretrain"
+
+
+@dataclass(frozen=True)
+class FinetuneRunConfig:
+    run: RunConfig  # run.model is the method
+    init_from: str | None = None  # pretraining folder or its encoder.safetensors; None = scratch
+    allow_channel_change: bool = False
+    resume: bool = False
+
+    def resolved_out_dir(self) -> Path:
+        if self.run.out_dir:
+            return Path(self.run.out_dir)
+        d, tag = self.run.data, "" if self.init_from else "-scratch"
+        name = _dataset_name(d.dataset)
+        return Path("runs") / f"{name}-{self.run.model}{tag}-L{d.lookback}-H{d.horizon}"
+
+
+@dataclass
+class PretrainResult:
+    out_dir: Path
+    epochs: int
+    seconds: float
+    history: list[dict[str, float]]
+
+    def summary(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "epochs": self.epochs,
+            "pretrain_seconds": round(self.seconds, 2),
+            "train_loss": last.get("train_loss"),
+            "val_loss": last.get("val_loss"),
+            "checkpoint": str(self.out_dir / ENCODER_FILE),
+        }
+
+
+def _dataset_name(dataset: str) -> str:
+    return Path(dataset).name.removesuffix(".gz").removesuffix(".csv")
+
+
+def _check_method(method: str) -> ModuleType:
+    if method not in METHODS:
+        raise ValueError(f"unknown pretraining method {method!r}; choose from {sorted(METHODS)}")
+    return METHODS[method]
+
+
+def build_pretrain_config(
+    method: str,
+    config_file: Path | None = None,
+    data: dict[str, Any] | None = None,
+    pretrain: dict[str, Any] | None = None,
+    model_settings: dict[str, Any] | None = None,
+    out_dir: str | None = None,
+    resume: bool = False,
+) -> PretrainRunConfig:
+    """Defaults <- ``[data]``, ``[model]``, ``[pretrain]`` of the method's TOML <- overrides."""
+    _check_method(method)
+    base = build_run_config(method, config_file, data, None, model_settings, out_dir)
+    path = config_file or default_config_path(method)
+    doc = load_toml(path) if path.exists() else {}
+    section = {**doc.get("pretrain", {}), **(pretrain or {})}
+    cfg = _update(TrainConfig(), section, f"{path} [pretrain]")
+    return PretrainRunConfig(method, base.data, base.model_settings, cfg, out_dir, resume)
+
+
+def _model_config(method: str, data: DataConfig, settings: dict[str, Any]) -> Any:
+    return make_config(method, **{**settings, "lookback": data.lookback})
+
+
+def _meta(cfg: PretrainRunConfig, data: PreparedData, model_cfg: Any) -> dict[str, Any]:
+    return {
+        "method": cfg.method,
+        "lookback": cfg.data.lookback,
+        "channels": data.channels,
+        "model_config": asdict(model_cfg),
+        "data": asdict(cfg.data),
+        "dataset": data.describe(),
+        "pretrain": asdict(cfg.pretrain),
+    }
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.replace(path)
+
+
+def pretrain_matches(cfg: PretrainRunConfig) -> bool:
+    """Whether ``cfg``'s folder already holds a *finished* pretraining with the same settings."""
+    meta_path = cfg.resolved_out_dir() / META_FILE
+    if not meta_path.exists() or not (cfg.resolved_out_dir() / ENCODER_FILE).exists():
+        return False
+    meta = json.loads(meta_path.read_text())
+    model_cfg = _model_config(cfg.method, cfg.data, cfg.model_settings)
+    return bool(
+        meta.get("finished")
+        and meta.get("method") == cfg.method
+        and meta.get("model_config") == json.loads(json.dumps(asdict(model_cfg)))
+        and meta.get("data") == json.loads(json.dumps(asdict(cfg.data)))
+        and _schedule(meta.get("pretrain", {})) == _schedule(asdict(cfg.pretrain))
+    )
+
+
+def _schedule(train: dict[str, Any]) -> dict[str, Any]:
+    """The optimisation settings that change the weights (not threads or progress bars)."""
+    return {k: v for k, v in train.items() if k not in ("threads", "progress", "eval_batch_size")}
+
+
+@torch.no_grad()
+def _val_loss(pretrainer: nn.Module, windows: WindowSet, cfg: TrainConfig, n: int) -> float:
+    """Pretext loss on ``n`` evenly spread validation batches (random masks, eval mode)."""
+    pretrainer.eval()
+    batches = windows.batches(cfg.batch_size)
+    if not batches or n <= 0:
+        return math.nan
+    picks = [batches[i] for i in torch.linspace(0, len(batches) - 1, min(n, len(batches))).long()]
+    losses = [float(pretrainer(windows.batch(index)[0])[0]) for index in picks if len(index) > 1]
+    return sum(losses) / max(len(losses), 1)
+
+
+def run_pretrain(cfg: PretrainRunConfig, val_batches: int = 4) -> PretrainResult:
+    """Train the pretext task on train-split look-back windows and save the encoder."""
+    module = _check_method(cfg.method)
+    tcfg = cfg.pretrain
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    # Only the look-back is needed: windows of L + 1 rows so that no train row goes unused.
+    data = prepare(replace(cfg.data, horizon=1))
+    generator = seed_everything(tcfg.seed)
+    model_cfg = _model_config(cfg.method, cfg.data, cfg.model_settings)
+    pretrainer: nn.Module = module.build_pretrainer(model_cfg)
+    params = [p for p in pretrainer.parameters() if p.requires_grad]
+    optim = torch.optim.Adam(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+
+    out_dir = cfg.resolved_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = _meta(cfg, data, model_cfg)
+    meta["params"] = count_params(pretrainer.backbone)
+    last_path = out_dir / LAST_FILE
+    start, elapsed, history = 0, 0.0, []
+    if cfg.resume and last_path.exists() and (out_dir / META_FILE).exists():
+        old = json.loads((out_dir / META_FILE).read_text())
+        for key in ("method", "lookback", "channels", "model_config"):
+            if old.get(key) != json.loads(json.dumps(meta[key])):
+                raise CheckpointError(
+                    f"{out_dir}: cannot resume, its {key} is {old.get(key)!r} but this run has "
+                    f"{meta[key]!r}; use another --out or drop --resume"
+                )
+        state = torch.load(last_path, weights_only=True)
+        pretrainer.load_state_dict(state["pretrainer"])
+        optim.load_state_dict(state["optim"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        start, elapsed, history = int(state["epoch"]) + 1, float(state["elapsed"]), old["history"]
+        log.info("resuming %s pretraining at epoch %d", cfg.method, start + 1)
+
+    train, val = data.splits["train"], data.splits["val"]
+    log.info(
+        "pretraining %s (%d encoder parameters) on %s -> %s",
+        cfg.method,
+        meta["params"],
+        data.info.name,
+        out_dir,
+    )
+    for epoch in range(start, tcfg.epochs):
+        t0 = time.perf_counter()
+        pretrainer.train()
+        stats = train_epoch(
+            train,
+            tcfg,
+            epoch,
+            optim,
+            params,
+            lambda x, _: pretrainer(x),
+            generator,
+            f"pretrain {cfg.method}",
+            after_step=pretrainer.after_step,
+        )
+        val_loss = _val_loss(pretrainer, val, tcfg, val_batches)
+        elapsed += time.perf_counter() - t0
+        row = {
+            "epoch": epoch + 1,
+            "lr": stats.lr,
+            "train_loss": stats.loss,
+            "val_loss": val_loss,
+            "seconds": round(elapsed, 2),
+            **stats.parts,
+        }
+        history.append(row)
+        log.info(
+            "pretrain %s epoch %d: loss %.4f val %.4f (%.1fs)",
+            cfg.method,
+            epoch + 1,
+            row["train_loss"],
+            val_loss,
+            elapsed,
+        )
+        torch.save(
+            {
+                "pretrainer": pretrainer.state_dict(),
+                "optim": optim.state_dict(),
+                "generator": generator.get_state(),
+                "rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "elapsed": elapsed,
+            },
+            last_path,
+        )
+        _write_json(out_dir / META_FILE, {**meta, "finished": False, "history": history})
+
+    backbone = pretrainer.backbone.state_dict()
+    save_file({k: v.contiguous() for k, v in backbone.items()}, out_dir / ENCODER_FILE)
+    _write_json(
+        out_dir / META_FILE,
+        {**meta, "finished": True, "history": history, "seconds": round(elapsed, 2)},
+    )
+    return PretrainResult(out_dir, len(history), elapsed, history)
+
+
+# --- fine-tuning -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PretrainedEncoder:
+    path: Path  # the pretraining folder
+    meta: dict[str, Any]
+    weights: dict[str, Tensor]
+
+
+def load_pretrained(where: str | Path) -> PretrainedEncoder:
+    """Read a pretraining folder (or its ``encoder.safetensors``) with clear errors."""
+    path = Path(where)
+    folder = path.parent if path.suffix == ".safetensors" else path
+    meta_path, weights_path = folder / META_FILE, folder / ENCODER_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{folder}: no {META_FILE} (not a pretraining folder)")
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("finished") or not weights_path.exists():
+        done = len(meta.get("history", []))
+        raise CheckpointError(
+            f"{folder}: pretraining did not finish (epoch {done} of "
+            f"{meta.get('pretrain', {}).get('epochs', '?')}); resume it with "
+            f"`python -m training pretrain --method {meta.get('method')} --resume --out {folder}`"
+        )
+    return PretrainedEncoder(folder, meta, load_file(weights_path))
+
+
+def check_compatible(ckpt: PretrainedEncoder, method: str, lookback: int) -> None:
+    """Refuse a checkpoint of another method or look-back, naming the mismatch."""
+    meta = ckpt.meta
+    if meta.get("method") != method:
+        raise CheckpointError(
+            f"{ckpt.path}: method mismatch: pretrained with {meta.get('method')!r}, cannot "
+            f"initialise {method!r}; pass --method {meta.get('method')} or another checkpoint"
+        )
+    if meta.get("lookback") != lookback:
+        raise CheckpointError(
+            f"{ckpt.path}: lookback mismatch: pretrained with lookback {meta.get('lookback')}, "
+            f"this run uses {lookback}; pass --lookback {meta.get('lookback')}"
+        )
+
+
+def check_channels(ckpt: PretrainedEncoder, data: PreparedData, allow_change: bool) -> None:
+    """Refuse a checkpoint pretrained on another channel count unless asked to accept it."""
+    channels = ckpt.meta.get("channels")
+    if channels != data.channels and not allow_change:
+        raise CheckpointError(
+            f"{ckpt.path}: channels mismatch: pretrained on {channels} channels "
+            f"({ckpt.meta.get('dataset', {}).get('name')}), {data.info.name} has {data.channels}; "
+            "the encoder is channel-independent, pass --allow-channel-change to use it anyway"
+        )
+
+
+def finetune_settings(
+    ckpt: PretrainedEncoder, settings: dict[str, Any], data: DataConfig
+) -> dict[str, Any]:
+    """The checkpoint's architecture, with the fine-tuning keys taken from this run."""
+    merged = dict(ckpt.meta["model_config"])
+    for key, value in settings.items():
+        if key in FINETUNE_KEYS:
+            merged[key] = value
+        elif merged.get(key) != value:
+            log.warning(
+                "%s: ignoring %s=%r, the checkpoint was pretrained with %r",
+                ckpt.path,
+                key,
+                value,
+                merged.get(key),
+            )
+    merged.update(lookback=data.lookback, horizon=data.horizon)
+    return merged
+
+
+def load_backbone(model: nn.Module, ckpt: PretrainedEncoder) -> None:
+    """Copy pretrained weights into ``model.backbone``; any key or shape mismatch is an error."""
+    backbone: nn.Module = model.backbone  # type: ignore[assignment]
+    own = backbone.state_dict()
+    missing, extra = sorted(set(own) - set(ckpt.weights)), sorted(set(ckpt.weights) - set(own))
+    bad = [k for k in own if k in ckpt.weights and own[k].shape != ckpt.weights[k].shape]
+    if missing or extra or bad:
+        detail = "; ".join(
+            f"{what}: {keys[:5]}"
+            for what, keys in (("missing", missing), ("unexpected", extra), ("shape", bad))
+            if keys
+        )
+        raise CheckpointError(f"{ckpt.path}: encoder weights do not fit this model ({detail})")
+    backbone.load_state_dict(ckpt.weights)
+
+
+def run_finetune(cfg: FinetuneRunConfig) -> FitResult:
+    """Fine-tune a teacher to forecast, from a pretrained encoder or from scratch."""
+    method = cfg.run.model
+    _check_method(method)
+    ckpt = load_pretrained(cfg.init_from) if cfg.init_from else None
+    if ckpt is not None:  # before reading the data: a wrong checkpoint fails fast
+        check_compatible(ckpt, method, cfg.run.data.lookback)
+    data = prepare(cfg.run.data)
+    seed_everything(cfg.run.train.seed)  # the initial head weights depend on it too
+    settings = {**cfg.run.model_settings, "horizon": cfg.run.data.horizon}
+    if ckpt is not None:
+        check_channels(ckpt, data, cfg.allow_channel_change)
+        settings = finetune_settings(ckpt, cfg.run.model_settings, cfg.run.data)
+    model = build_model(method, **{**settings, "lookback": cfg.run.data.lookback})
+    if ckpt is not None:
+        load_backbone(model, ckpt)
+    out_dir = cfg.resolved_out_dir()
+    info = {
+        "model": method,
+        "kind": MODELS[method].kind,
+        "model_config": asdict(model.cfg),  # type: ignore[arg-type]
+        "params": count_params(model),
+        "data": asdict(cfg.run.data),
+        "dataset": data.describe(),
+        "pretrained_from": str(ckpt.path) if ckpt else None,
+        "pretrain_seconds": ckpt.meta.get("seconds") if ckpt else None,
+    }
+    log.info(
+        "fine-tuning %s (%d parameters, %s) -> %s",
+        method,
+        info["params"],
+        f"encoder from {ckpt.path}" if ckpt else "from scratch",
+        out_dir,
+    )
+    desc = f"finetune {method}" + ("" if ckpt else " (scratch)")
+    return fit(model, data, cfg.run.train, out_dir, run_info=info, resume=cfg.resume, desc=desc)
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def cmd_pretrain(a: argparse.Namespace) -> dict[str, Any]:
+    from training.__main__ import data_overrides, train_overrides
+
+    cfg = build_pretrain_config(
+        a.method, a.config, data_overrides(a), train_overrides(a), out_dir=a.out, resume=a.resume
+    )
+    result = run_pretrain(cfg)
+    return {
+        "method": cfg.method,
+        "dataset": cfg.data.dataset,
+        "lookback": cfg.data.lookback,
+        **result.summary(),
+    }
+
+
+def cmd_finetune(a: argparse.Namespace) -> dict[str, Any]:
+    from training.__main__ import data_overrides, train_overrides
+
+    run = build_run_config(a.method, a.config, data_overrides(a), train_overrides(a), out_dir=a.out)
+    cfg = FinetuneRunConfig(run, a.init_from, a.allow_channel_change, a.resume)
+    result = run_finetune(cfg)
+    return {
+        "model": a.method,
+        "dataset": run.data.dataset,
+        "lookback": run.data.lookback,
+        "horizon": run.data.horizon,
+        "pretrained_from": a.init_from,
+        **result.summary(),
+        "checkpoint": str(result.out_dir / "best.safetensors"),
+    }
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from training.__main__ import add_data_args, add_train_args
+
+    p = sub.add_parser("pretrain", help="masked pretraining of a teacher's encoder")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    add_data_args(p, horizon=False)
+    add_train_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from --out's last epoch")
+    p.set_defaults(handler=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a teacher to forecast (pretrained or scratch)")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument(
+        "--from",
+        dest="init_from",
+        default=None,
+        help="pretraining folder or its encoder.safetensors (without: train from scratch)",
+    )
+    p.add_argument(
+        "--allow-channel-change",
+        action="store_true",
+        help="accept a checkpoint pretrained on another channel count",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from --out's last epoch")
+    add_data_args(p)
+    add_train_args(p)
+    p.set_defaults(handler=cmd_finetune)
+
+
+__all__ = [
+    "METHODS",
+    "CheckpointError",
+    "FinetuneRunConfig",
+    "PretrainResult",
+    "PretrainRunConfig",
+    "build_pretrain_config",
+    "check_channels",
+    "check_compatible",
+    "load_backbone",
+    "load_pretrained",
+    "pretrain_matches",
+    "run_finetune",
+    "run_pretrain",
+]
