@@ -1,0 +1,270 @@
+"""Speed benchmark: parameters and CPU inference latency of student, teachers and ensemble.
+
+    python bench/speed.py --dataset ETTh1 --horizon 96 --teachers simmtm,himtm,dmae
+
+Every model is exported to ONNX (``training.export.export_onnx``, the graph the registry serves:
+dynamic batch and channel axes) and run by the service's own engine
+(``service.core.engine.OrtEngine``: ONNX Runtime, sequential execution, full graph optimisation,
+no spinning) on the CPU with 1 intra-op and 1 inter-op thread, at batch 1 and batch 256 on real
+test windows. All measurements are taken in one run, in rounds: each round calls every model a
+block of times in a row (20 at batch 1, 2 at batch 256), so each is timed warm, as a server running
+it repeatedly sees it, while load from other processes on a shared machine falls on all of them
+alike; a model's latency is the median over its calls.
+
+The ensemble is timed as the accurate path serves it: its members run one after the other on the
+same request (each on the last L_t steps of the window), then their forecasts are averaged; one
+timed call covers all of that. Several students can be timed in the same run (default: the
+distilled ensemble students at L = 336, the pipeline's serving lookback, and at L = 720, the
+paper's); the first is the served one and gives the ``ensemble/student`` ratio, the others
+``ensemble/<student>``.
+
+Writes ``bench/results/speed.json``: ``{"meta": {...}, "records": [...]}`` with records
+``{"model", "params", "batch", "latency_ms"}`` and ``{"ratio": "ensemble/student", "batch",
+"value"}``, and ``bench/results/speed.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from service.core.engine import CPU, EngineOptions, OrtEngine  # noqa: E402
+from training.checkpoints import load_forecaster  # noqa: E402
+from training.data import DataConfig, prepare  # noqa: E402
+from training.distill import build_distill_config, resolve_teacher_dir  # noqa: E402
+from training.engine import count_params  # noqa: E402
+from training.export import export_onnx  # noqa: E402
+from training.models import Forecaster, build_model  # noqa: E402
+
+log = logging.getLogger("bench.speed")
+RESULTS = REPO / "bench" / "results"
+# The service's engine and session options, CPU only, one thread.
+CPU_ONE_THREAD = EngineOptions(providers=(CPU,), intra_threads=1, inter_threads=1)
+
+
+@dataclass
+class Member:
+    name: str
+    model: Forecaster
+    source: str
+    engine: OrtEngine | None = None
+    parity: float | None = None
+
+    @property
+    def lookback(self) -> int:
+        return self.model.lookback
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        assert self.engine is not None
+        # x: [B, L_student, C]; the member reads its own last L_t steps.
+        window = np.ascontiguousarray(x[:, -self.lookback :])  # [B, L_t, C]
+        return self.engine.run(window)  # [B, H, C]
+
+
+def load_student(spec: str, dataset: str, horizon: int) -> Member:
+    """A distilled student's run folder, named ``<run name>-L<lookback>``.
+
+    ``mlp:L`` instead times an untrained student of the distillation config's shape at lookback L
+    (latency does not depend on the weights); it is named ``student-untrained-L<L>``.
+    """
+    if spec.startswith("mlp:"):
+        lookback = int(spec.removeprefix("mlp:"))
+        cfg = build_distill_config(
+            data={"dataset": dataset, "horizon": horizon, "lookback": lookback}
+        ).run
+        model = build_model("mlp", lookback=lookback, horizon=horizon, **cfg.model_settings)
+        return Member(f"student-untrained-L{lookback}", model.eval(), f"untrained mlp L={lookback}")
+    model, run = load_forecaster(Path(spec))
+    return Member(f"{run.get('name', run['model'])}-L{model.lookback}", model, spec)
+
+
+def timed_rounds(
+    fns: dict[str, Callable[[], Any]], min_calls: int, max_seconds: float, block: int
+) -> dict[str, list[float]]:
+    """Per-call times (ms): rounds of ``block`` consecutive calls of each function in turn.
+
+    Consecutive calls measure a model the way a server running it repeatedly sees it (its
+    weights stay in cache); the rounds spread any load from other processes over all models.
+    Runs until every function has ``min_calls`` calls, then on while half of ``max_seconds``
+    allows (up to 10x), stopping at ``max_seconds`` once 5 rounds are done.
+    """
+    for fn in fns.values():  # warm-up: allocations, thread pools, caches
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds * block < min_calls or (
+        time.perf_counter() - start < max_seconds / 2 and rounds * block < 10 * min_calls
+    ):
+        for name, fn in fns.items():
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+        if rounds >= 5 and time.perf_counter() - start > max_seconds:
+            break
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="ETTh1")
+    p.add_argument("--horizon", type=int, default=96)
+    p.add_argument("--teachers", default="simmtm,himtm,dmae", help="names or run folders")
+    p.add_argument("--teacher-dir", default=str(REPO / "runs" / "bench"))
+    p.add_argument("--teacher-lookback", type=int, default=336)
+    p.add_argument(
+        "--students",
+        default=None,
+        help="student run folders, the served one first (its ratio is 'ensemble/student'); "
+        "default <teacher-dir>/<dataset>-student-ensemble-L{336,720}-H<h>; mlp:L = untrained",
+    )
+    p.add_argument("--batches", default="1,256")
+    p.add_argument("--min-calls", type=int, default=100, help="at batch 1; /10 at larger batches")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="per batch size")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+
+    dcfg = build_distill_config(
+        data={"dataset": args.dataset, "horizon": args.horizon},
+        distill={"teacher_dir": args.teacher_dir, "teacher_lookback": args.teacher_lookback},
+    )
+    specs = (
+        args.students.split(",")
+        if args.students
+        else [
+            str(Path(args.teacher_dir) / f"{args.dataset}-student-ensemble-L{lb}-H{args.horizon}")
+            for lb in (336, 720)
+        ]
+    )
+    students = [load_student(spec.strip(), args.dataset, args.horizon) for spec in specs]
+    student = students[0]
+    teachers = []
+    for spec in (s.strip() for s in args.teachers.split(",") if s.strip()):
+        run_dir = resolve_teacher_dir(spec, args.dataset, args.horizon, dcfg.distill)
+        model, run = load_forecaster(run_dir)
+        name = spec if not Path(spec).is_dir() else str(run.get("name", run["model"]))
+        teachers.append(Member(name, model, str(run_dir)))
+
+    members = [*students, *teachers]
+    lookback = max(m.lookback for m in members)
+    data = prepare(DataConfig(args.dataset, lookback=lookback, horizon=args.horizon))
+    test = data.splits["test"]
+    batches = [int(b) for b in args.batches.split(",")]
+    x_all, _ = test.batch(torch.arange(max(batches)))  # [B, L, C] z-scored test windows
+    x_all_np = x_all.numpy()
+
+    for m in members:
+        m.engine = OrtEngine(export_onnx(m.model, m.lookback, data.channels), CPU_ONE_THREAD)
+        with torch.no_grad():
+            ref = m.model(x_all[:8, -m.lookback :]).numpy()
+        m.parity = float(np.abs(m.run(x_all_np[:8]) - ref).max())
+        log.info("%s: %d parameters, ONNX parity %.2e", m.name, count_params(m.model), m.parity)
+
+    def ensemble_run(x: np.ndarray) -> np.ndarray:
+        return np.mean([t.run(x) for t in teachers], axis=0)  # [B, H, C]
+
+    params = {m.name: count_params(m.model) for m in members}
+    params["ensemble"] = sum(params[t.name] for t in teachers)
+    records: list[dict[str, Any]] = []
+    calls: dict[str, int] = {}
+    for batch in batches:
+        x = np.ascontiguousarray(x_all_np[:batch])
+        fns: dict[str, Callable[[], Any]] = {m.name: (lambda m=m, x=x: m.run(x)) for m in members}
+        fns["ensemble"] = lambda x=x: ensemble_run(x)
+        min_calls = args.min_calls if batch == 1 else max(args.min_calls // 10, 5)
+        block = 20 if batch == 1 else 2
+        times = timed_rounds(fns, min_calls, args.max_seconds, block)
+        calls[str(batch)] = len(times["ensemble"])
+        median = {k: statistics.median(v) for k, v in times.items()}
+        for name, ms in median.items():
+            records.append(
+                {"model": name, "params": params[name], "batch": batch, "latency_ms": round(ms, 4)}
+            )
+        for st in students:
+            label = "ensemble/student" if st is student else f"ensemble/{st.name}"
+            ratio = median["ensemble"] / median[st.name]
+            records.append({"ratio": label, "batch": batch, "value": round(ratio, 2)})
+        log.info("batch %d: %s", batch, {k: round(v, 3) for k, v in median.items()})
+
+    meta = {
+        "dataset": args.dataset,
+        "horizon": args.horizon,
+        "channels": data.channels,
+        "students": [
+            {"name": st.name, "source": st.source, "lookback": st.lookback} for st in students
+        ],
+        "served_student": student.name,  # the one behind the 'ensemble/student' ratio
+        "teachers": [
+            {"name": t.name, "source": t.source, "lookback": t.lookback} for t in teachers
+        ],
+        "ensemble": "members run sequentially in one call, forecasts averaged",
+        "onnx_parity_max_abs_err": {m.name: m.parity for m in members},
+        "exporter": "training.export.export_onnx (dynamo, dynamic batch and channels)",
+        "onnxruntime": ort.__version__,
+        "threads": {"intra_op": 1, "inter_op": 1},
+        "calls_per_model": calls,
+        "statistic": "median",
+        "rounds": "blocks of 20 consecutive calls per model at batch 1, 2 at batch 256",
+        "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "speed.json").write_text(
+        json.dumps({"meta": meta, "records": records}, indent=2) + "\n"
+    )
+    write_markdown(meta, records, args.results / "speed.md")
+    for r in records:
+        print(json.dumps(r))
+    return 0
+
+
+def write_markdown(meta: dict[str, Any], records: list[dict[str, Any]], path: Path) -> None:
+    lines = [
+        "# CPU inference speed (ONNX Runtime, 1 thread)",
+        "",
+        f"{meta['dataset']}, H={meta['horizon']}, {meta['channels']} channels; median of "
+        + ", ".join(f"{n} calls at batch {b}" for b, n in meta["calls_per_model"].items())
+        + f" per model, in rounds of consecutive calls per model; ONNX Runtime "
+        f"{meta['onnxruntime']}, 1 intra-op thread. Ensemble = {meta['ensemble']}. "
+        f"Served student (ratio 'ensemble/student'): {meta['served_student']}. "
+        "Reproduce: `python bench/speed.py` (see `bench/README.md`).",
+        "",
+        "| model | L | params | batch | latency ms |",
+        "|---|---|---|---|---|",
+    ]
+    lookbacks = {m["name"]: m["lookback"] for m in (*meta["students"], *meta["teachers"])}
+    for r in (r for r in records if "model" in r):
+        lookback = lookbacks.get(r["model"], "")
+        lines.append(
+            f"| {r['model']} | {lookback} | {r['params']:,} | {r['batch']} | "
+            f"{r['latency_ms']:.3f} |"
+        )
+    lines += ["", "| ratio | batch | value |", "|---|---|---|"]
+    lines += [
+        f"| {r['ratio']} | {r['batch']} | {r['value']:.1f} |" for r in records if "ratio" in r
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
