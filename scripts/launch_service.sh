@@ -52,5 +52,8 @@ if [[ -n "$signalled" ]]; then
     # The trap interrupted the first wait; this one returns uvicorn's own exit status.
     status=0
     wait "$server" || status=$?
+    # A single-process uvicorn re-raises the signal after its graceful shutdown (exit 128+15 or
+    # 128+2); the stop was asked for and completed, so report success as the multi-worker path does.
+    if [[ "$status" == 143 || "$status" == 130 ]]; then status=0; fi
 fi
 exit "$status"

@@ -71,6 +71,40 @@ def test_launch_script_workers_aggregate_metrics(registry_root: Path, tmp_path: 
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
+def test_launch_script_one_worker_exits_0_on_sigterm(registry_root: Path, tmp_path: Path) -> None:
+    """uvicorn in one process re-raises SIGTERM after shutting down; the script reports 0."""
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "WORKERS": "1",
+           "PYTHON": sys.executable, "DISTILCAST_REGISTRY_ROOT": str(registry_root),
+           "DISTILCAST_SHADOW_FRACTION": "0"}
+    env.pop("DISTILCAST_REDIS_URL", None)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "launch_service.sh")], env=env,
+                            cwd=ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "service did not start"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/forecast", json={"model": NAME, "series": [
+            {"id": "a", "values": window()}]}, timeout=10)
+        assert r.status_code == 200
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISTILCAST_BATCH_MAX_SIZE", "64")
     monkeypatch.setenv("DISTILCAST_REDIS_URL", "redis://127.0.0.1:6379/15")
