@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -26,19 +28,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.slow
-def test_launch_script_workers_aggregate_metrics(registry_root: Path, tmp_path: Path) -> None:
-    port = free_port()
-    metrics_dir = tmp_path / "prom"
-    metrics_dir.mkdir()
-    (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # must be cleaned at start
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "WORKERS": "2",
-           "PYTHON": sys.executable, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-           "DISTILCAST_REGISTRY_ROOT": str(registry_root), "DISTILCAST_SHADOW_FRACTION": "0"}
-    env.pop("DISTILCAST_REDIS_URL", None)
+@contextmanager
+def launched(env: dict[str, str]) -> Iterator[str]:
+    """Run scripts/launch_service.sh until it is ready; yield its URL; on exit send SIGTERM and
+    require exit status 0 (the script forwards the signal to uvicorn)."""
+    inherited = {k: v for k, v in os.environ.items()
+                 if k not in ("DISTILCAST_REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
+    env = {**inherited, "HOST": "127.0.0.1", "PYTHON": sys.executable,
+           "DISTILCAST_SHADOW_FRACTION": "0", **env}
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "launch_service.sh")], env=env,
                             cwd=ROOT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{env['PORT']}"
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -49,6 +49,24 @@ def test_launch_script_workers_aggregate_metrics(registry_root: Path, tmp_path: 
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "service did not start"
             time.sleep(0.2)
+        yield url
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_launch_script_workers_aggregate_metrics(registry_root: Path, tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "prom"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # must be cleaned at start
+    env = {"PORT": str(free_port()), "WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+           "DISTILCAST_REGISTRY_ROOT": str(registry_root)}
+    with launched(env) as url:
         n = 30
         for _ in range(n):  # a new connection each: the kernel spreads them over the workers
             r = httpx.post(f"{url}/v1/forecast", json={"model": NAME, "series": [
@@ -62,47 +80,17 @@ def test_launch_script_workers_aggregate_metrics(registry_root: Path, tmp_path: 
         assert not (metrics_dir / "counter_999999.db").exists()
         pids = {p.stem.rsplit("_", 1)[-1] for p in metrics_dir.glob("histogram_*.db")}
         assert len(pids) == 2, pids  # both workers wrote their own files
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)  # the script forwards it to uvicorn
-        try:
-            assert proc.wait(timeout=30) == 0
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
-def test_launch_script_one_worker_exits_0_on_sigterm(registry_root: Path, tmp_path: Path) -> None:
+def test_launch_script_one_worker_exits_0_on_sigterm(registry_root: Path) -> None:
     """uvicorn in one process re-raises SIGTERM after shutting down; the script reports 0."""
-    port = free_port()
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "WORKERS": "1",
-           "PYTHON": sys.executable, "DISTILCAST_REGISTRY_ROOT": str(registry_root),
-           "DISTILCAST_SHADOW_FRACTION": "0"}
-    env.pop("DISTILCAST_REDIS_URL", None)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "launch_service.sh")], env=env,
-                            cwd=ROOT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "service did not start"
-            time.sleep(0.2)
+    env = {"PORT": str(free_port()), "WORKERS": "1",
+           "DISTILCAST_REGISTRY_ROOT": str(registry_root)}
+    with launched(env) as url:
         r = httpx.post(f"{url}/v1/forecast", json={"model": NAME, "series": [
             {"id": "a", "values": window()}]}, timeout=10)
         assert r.status_code == 200
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=30) == 0
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
