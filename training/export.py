@@ -210,6 +210,12 @@ def export_onnx(
     if dynamic_channels is None:
         dynamic_channels = bool(getattr(model, "channel_independent", False))
     model.eval()
+    # A model may offer an equivalent graph that serves faster (the MLP folds its linear layers);
+    # callers check parity against ``model`` itself.
+    fold = getattr(model, "inference_module", None)
+    if callable(fold):
+        model = fold()
+        model.eval()
     if example is None:
         example = torch.randn(2, lookback, channels)
     # torch.export specialises axes of size 0 or 1, so trace with at least 2 rows and channels.

@@ -82,3 +82,22 @@ def test_student_feature_is_the_documented_hidden_width() -> None:
     model = build_model("mlp", lookback=336, horizon=96)
     _, h = model.forward_features(torch.randn(2, 336, 7))
     assert h.shape == (2, 7, 512)
+
+
+@pytest.mark.parametrize("norm", ["revin", "mean"])
+def test_folded_mlp_is_the_same_function(norm: str) -> None:
+    """The serving graph's folded MLP (decomposition + Linear + BatchNorm as one Linear) gives the
+    trained model's forecasts, with BatchNorm statistics that are not the identity."""
+    model = build_model("mlp", lookback=L, horizon=H, hidden=32, norm=norm)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # move the running statistics away from (0, 1)
+            model(3 * torch.randn(B, L, C) + 1)
+    model.eval()
+    folded = model.inference_module()
+    x = 5 * torch.randn(B, L, C) + 2
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    assert got.shape == want.shape == (B, H, C)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert len(list(folded.modules())) < len(list(model.modules()))
