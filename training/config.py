@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from training.data import DataConfig
+from training.data import DataConfig, dataset_stem
 from training.engine import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -24,11 +24,12 @@ class RunConfig:
     out_dir: str | None = None
 
     def resolved_out_dir(self) -> Path:
-        if self.out_dir:
-            return Path(self.out_dir)
+        return Path(self.out_dir) if self.out_dir else self.default_out_dir(self.model)
+
+    def default_out_dir(self, label: str) -> Path:
+        """``runs/<dataset>-<label>-L<L>-H<H>``: ``label`` is the model, or a variant's name."""
         d = self.data
-        name = Path(d.dataset).name.removesuffix(".gz").removesuffix(".csv")
-        return Path("runs") / f"{name}-{self.model}-L{d.lookback}-H{d.horizon}"
+        return Path("runs") / f"{dataset_stem(d.dataset)}-{label}-L{d.lookback}-H{d.horizon}"
 
 
 def _update(obj: Any, values: dict[str, Any], where: str) -> Any:

@@ -68,6 +68,12 @@ class DataConfig:
     date_column: str | None = None
 
 
+def dataset_stem(dataset: str) -> str:
+    """A dataset's short name for run folders: ``ETTh1`` or a CSV path's file name without
+    ``.csv``/``.csv.gz``."""
+    return Path(dataset).name.removesuffix(".gz").removesuffix(".csv")
+
+
 def resolve_dataset(dataset: str, data_dir: str | Path | None = None) -> tuple[DatasetInfo, Path]:
     """Map a catalogue name (case-insensitive) or a CSV path to its description and file."""
     info = CATALOGUE.get(dataset.lower())
@@ -76,8 +82,7 @@ def resolve_dataset(dataset: str, data_dir: str | Path | None = None) -> tuple[D
         return info, root / info.file
     path = Path(dataset)
     if path.suffix in {".csv", ".gz"} or path.exists():
-        name = path.name.removesuffix(".gz").removesuffix(".csv")
-        return DatasetInfo(name, path.name, "", "ratio"), path
+        return DatasetInfo(dataset_stem(dataset), path.name, "", "ratio"), path
     known = ", ".join(sorted({i.name for i in CATALOGUE.values()}))
     raise DataError(
         f"unknown dataset {dataset!r}: use one of {known} or a path to a .csv/.csv.gz file"

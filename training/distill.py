@@ -229,9 +229,7 @@ class DistillRunConfig:
     def resolved_out_dir(self, student_name: str) -> Path:
         if self.run.out_dir:
             return Path(self.run.out_dir)
-        d = self.run.data
-        name = Path(d.dataset).name.removesuffix(".gz").removesuffix(".csv")
-        return Path("runs") / f"{name}-{student_name}-L{d.lookback}-H{d.horizon}"
+        return self.run.default_out_dir(student_name)
 
 
 def build_distill_config(

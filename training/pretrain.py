@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from training.config import RunConfig, _update, build_run_config, default_config_path, load_toml
-from training.data import DataConfig, PreparedData, WindowSet, prepare
+from training.data import DataConfig, PreparedData, WindowSet, dataset_stem, prepare
 from training.engine import (
     FitResult,
     TrainConfig,
@@ -70,7 +70,7 @@ class PretrainRunConfig:
     def resolved_out_dir(self) -> Path:
         if self.out_dir:
             return Path(self.out_dir)
-        name = _dataset_name(self.data.dataset)
+        name = dataset_stem(self.data.dataset)
         return Path("runs") / f"{name}-{self.method}-L{self.data.lookback}-pretrain"
 
 
@@ -84,9 +84,7 @@ class FinetuneRunConfig:
     def resolved_out_dir(self) -> Path:
         if self.run.out_dir:
             return Path(self.run.out_dir)
-        d, tag = self.run.data, "" if self.init_from else "-scratch"
-        name = _dataset_name(d.dataset)
-        return Path("runs") / f"{name}-{self.run.model}{tag}-L{d.lookback}-H{d.horizon}"
+        return self.run.default_out_dir(self.run.model + ("" if self.init_from else "-scratch"))
 
 
 @dataclass
@@ -105,10 +103,6 @@ class PretrainResult:
             "val_loss": last.get("val_loss"),
             "checkpoint": str(self.out_dir / ENCODER_FILE),
         }
-
-
-def _dataset_name(dataset: str) -> str:
-    return Path(dataset).name.removesuffix(".gz").removesuffix(".csv")
 
 
 def _check_method(method: str) -> ModuleType:
