@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from runargs import train_overrides  # noqa: E402
+
 from training.config import build_run_config  # noqa: E402
 from training.engine import count_params  # noqa: E402
 from training.models import MODELS  # noqa: E402
@@ -52,11 +54,7 @@ def supervised(model: str) -> Recipe:
     """Plain supervised training of one model in the dict with its TOML defaults."""
 
     def run(args: argparse.Namespace, dataset: str, horizon: int) -> dict[str, Any]:
-        train: dict[str, Any] = {"progress": not args.no_progress}
-        if args.epochs:
-            train["epochs"] = args.epochs
-        if args.threads:
-            train["threads"] = args.threads
+        train = train_overrides(args)
         cfg = build_run_config(
             model,
             data={"dataset": dataset, "lookback": args.lookback, "horizon": horizon},

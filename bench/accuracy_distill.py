@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from runargs import train_overrides
+
 from training.distill import DistillConfig, build_distill_config, run_distill
 
 Recipe = Callable[[argparse.Namespace, str, int], dict[str, Any]]
@@ -46,11 +48,7 @@ def distilled(teachers: tuple[str, ...] | None, flags: dict[str, bool]) -> Recip
     def run(args: argparse.Namespace, dataset: str, horizon: int) -> dict[str, Any]:
         names = teachers or ensemble_members()
         name = DistillConfig(teachers=names, **flags).student_name(names)
-        train: dict[str, Any] = {"progress": not args.no_progress}
-        if args.epochs:
-            train["epochs"] = args.epochs
-        if args.threads:
-            train["threads"] = args.threads
+        train = train_overrides(args)
         cfg = build_distill_config(
             data={"dataset": dataset, "lookback": args.lookback, "horizon": horizon},
             train=train,

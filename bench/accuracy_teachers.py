@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from runargs import train_overrides
 
 from training.checkpoints import load_forecaster
 from training.config import build_run_config
@@ -49,9 +50,7 @@ Recipe = Callable[[argparse.Namespace, str, int], dict[str, Any]]
 def _pretrain(args: argparse.Namespace, dataset: str, method: str) -> tuple[Path, float, int]:
     """The method's pretraining folder for this dataset: reused when finished with the same
     settings, resumed when interrupted, run afresh otherwise. Returns (folder, seconds, epochs)."""
-    pretrain: dict[str, Any] = {"progress": not args.no_progress}
-    if args.threads:
-        pretrain["threads"] = args.threads
+    pretrain = train_overrides(args, epochs=False)  # --epochs is the fine-tuning's
     out = args.runs / f"{dataset}-{method}-L{args.lookback}-pretrain"
     settings: dict[str, Any] = {
         "data": {"dataset": dataset, "lookback": args.lookback},
@@ -74,11 +73,7 @@ def _pretrain(args: argparse.Namespace, dataset: str, method: str) -> tuple[Path
 def _finetune(
     args: argparse.Namespace, dataset: str, horizon: int, method: str, init_from: Path | None
 ) -> dict[str, Any]:
-    train: dict[str, Any] = {"progress": not args.no_progress}
-    if args.epochs:
-        train["epochs"] = args.epochs
-    if args.threads:
-        train["threads"] = args.threads
+    train = train_overrides(args)
     tag = "" if init_from else "-scratch"
     run = build_run_config(
         method,

@@ -25,6 +25,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from runargs import train_overrides  # noqa: E402
 
 from training.distill import DATASET_DEFAULTS, build_distill_config, run_distill  # noqa: E402
 
@@ -56,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     teachers = tuple(t.strip() for t in args.teachers.split(",") if t.strip())
-    train: dict[str, Any] = {"progress": not args.no_progress}
-    if args.threads:
-        train["threads"] = args.threads
+    train = train_overrides(args)
     records: list[dict[str, Any]] = []
     for lookback in (int(v) for v in args.lookbacks.split(",")):
         for alpha, beta in args.grid:
