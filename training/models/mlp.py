@@ -103,8 +103,7 @@ class FoldedMLP(nn.Module):
         lookback, hidden = model.lookback, model.cfg.hidden
         with torch.no_grad():
             eye = torch.eye(lookback, dtype=torch.float64).unsqueeze(-1)  # [L, L, 1] unit windows
-            seasonal, trend = model.decomp.double()(eye)  # row j: the response to unit window j
-            model.decomp.float()
+            seasonal, trend = model.decomp(eye)  # row j: the response to unit window j
             weights, biases = [], []
             for branch, a in ((model.seasonal, seasonal[..., 0].T), (model.trend, trend[..., 0].T)):
                 bn = branch.norm
