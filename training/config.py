@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from training.data import DataConfig, dataset_stem
-from training.engine import TrainConfig
+from training.loop import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 

@@ -75,7 +75,8 @@ from tqdm import tqdm
 from training.checkpoints import load_forecaster
 from training.config import CONFIG_DIR, RunConfig, _update, build_run_config, load_toml
 from training.data import PreparedData, WindowSet, prepare, resolve_dataset
-from training.engine import FitResult, count_params, fit, metrics, seed_everything
+from training.engine import FitResult, count_params, fit, metrics
+from training.loop import seed_everything
 from training.models import MODELS, Forecaster, build_model
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ class DistillRunConfig:
 
     run: RunConfig
     distill: DistillConfig = field(default_factory=DistillConfig)
+    resume: bool = False
 
     def resolved_out_dir(self, student_name: str) -> Path:
         if self.run.out_dir:
@@ -239,6 +241,7 @@ def build_distill_config(
     distill: dict[str, Any] | None = None,
     model_settings: dict[str, Any] | None = None,
     out_dir: str | None = None,
+    resume: bool = False,
 ) -> DistillRunConfig:
     """Defaults <- ``training/configs/distill.toml`` (or ``config_file``) <- overrides.
 
@@ -250,7 +253,7 @@ def build_distill_config(
     values = {**doc.get("distill", {}), **(distill or {})}
     if "teachers" in values:
         values["teachers"] = tuple(values["teachers"])
-    return DistillRunConfig(run, _update(DistillConfig(), values, f"{path} [distill]"))
+    return DistillRunConfig(run, _update(DistillConfig(), values, f"{path} [distill]"), resume)
 
 
 # --------------------------------------------------------------------------- teachers
@@ -628,18 +631,14 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
     trainable = nn.ModuleDict({"student": student, "criterion": criterion})
     windows = TeacherWindows(data.splits["train"], target, features, feature_teachers)
     train_data = replace(data, splits={**data.splits, "train": windows})
-    term_sums: dict[str, float] = {}
-    term_count = [0]
 
-    def objective(x: Tensor, y: Tensor) -> Tensor:
+    def objective(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         batch = windows.current
-        assert batch is not None
+        if batch is None:
+            raise RuntimeError("TeacherWindows served no batch before the objective ran")
         y_s, h_s = student.forward_features(x)
         terms = criterion(y_s, h_s, y, batch.y, batch.h)
-        for k, v in terms.items():
-            term_sums[k] = term_sums.get(k, 0.0) + float(v.detach())
-        term_count[0] += 1
-        return terms["total"]
+        return terms["total"], {k: v.detach() for k, v in terms.items() if k != "total"}
 
     teacher_info = [t.describe() for t in teachers]
     for info, w in zip(teacher_info, weights.tolist(), strict=True):
@@ -678,11 +677,8 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
         loss_fn=objective,
         trainable=trainable,
         run_info=run_info,
+        resume=cfg.resume,
         desc=name,
-    )
-    means = {k: v / max(term_count[0], 1) for k, v in term_sums.items()}
-    log.info(
-        "%s: mean loss terms over training %s", name, {k: round(v, 4) for k, v in means.items()}
     )
     return DistillResult(
         name,

@@ -20,25 +20,26 @@ import argparse
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from training.config import RunConfig, _update, build_run_config, default_config_path, load_toml
 from training.data import DataConfig, PreparedData, WindowSet, dataset_stem, prepare
-from training.engine import (
-    FitResult,
+from training.engine import FitResult, count_params, fit
+from training.loop import (
+    LAST_FILE,
+    LoopResult,
+    ParamGroup,
     TrainConfig,
-    count_params,
-    fit,
+    run_loop,
+    schedule_of,
     seed_everything,
-    train_epoch,
 )
 from training.models import MODELS, build_model, dmae, himtm, make_config, simmtm
 
@@ -49,7 +50,7 @@ METHODS: dict[str, ModuleType] = {"simmtm": simmtm, "himtm": himtm, "dmae": dmae
 with ``backbone`` (the encoder the forecaster shares, key for key), ``forward(x [B, L, C]) ->
 (loss, parts)`` and ``after_step()`` (called after each optimiser step, e.g. an EMA teacher)."""
 
-ENCODER_FILE, META_FILE, LAST_FILE = "encoder.safetensors", "pretrain.json", "last.pt"
+ENCODER_FILE, META_FILE = "encoder.safetensors", "pretrain.json"
 # Settings the fine-tuning run may change without touching the pretrained weights.
 FINETUNE_KEYS = frozenset({"lookback", "horizon", "dropout", "head_dropout"})
 
@@ -90,19 +91,22 @@ class FinetuneRunConfig:
 @dataclass
 class PretrainResult:
     out_dir: Path
-    epochs: int
-    seconds: float
-    history: list[dict[str, float]]
+    loop: LoopResult
 
     def summary(self) -> dict[str, Any]:
-        last = self.history[-1] if self.history else {}
-        return {
-            "epochs": self.epochs,
-            "pretrain_seconds": round(self.seconds, 2),
-            "train_loss": last.get("train_loss"),
-            "val_loss": last.get("val_loss"),
-            "checkpoint": str(self.out_dir / ENCODER_FILE),
+        res = self.loop
+        doc: dict[str, Any] = {
+            "finished": res.finished,
+            "epochs": res.epochs_run,
+            "best_epoch": res.best_epoch,
+            "best_val_loss": res.best_val,
+            "pretrain_seconds": round(res.seconds, 2),
         }
+        if res.finished:
+            doc["checkpoint"] = str(self.out_dir / ENCODER_FILE)
+        else:
+            doc["resume"] = f"rerun with --resume --out {self.out_dir}"
+        return doc
 
 
 def _check_method(method: str) -> ModuleType:
@@ -164,64 +168,73 @@ def pretrain_matches(cfg: PretrainRunConfig) -> bool:
         and meta.get("method") == cfg.method
         and meta.get("model_config") == json.loads(json.dumps(asdict(model_cfg)))
         and meta.get("data") == json.loads(json.dumps(asdict(cfg.data)))
-        and _schedule(meta.get("pretrain", {})) == _schedule(asdict(cfg.pretrain))
+        and schedule_of(meta.get("pretrain", {}))
+        == schedule_of(json.loads(json.dumps(asdict(cfg.pretrain))))
     )
 
 
-def _schedule(train: dict[str, Any]) -> dict[str, Any]:
-    """The optimisation settings that change the weights (not threads or progress bars)."""
-    return {k: v for k, v in train.items() if k not in ("threads", "progress", "eval_batch_size")}
-
-
 @torch.no_grad()
-def _val_loss(pretrainer: nn.Module, windows: WindowSet, cfg: TrainConfig, n: int) -> float:
-    """Pretext loss on ``n`` evenly spread validation batches (random masks, eval mode)."""
-    pretrainer.eval()
-    batches = windows.batches(cfg.batch_size)
-    if not batches or n <= 0:
+def pretext_val_loss(
+    pretrainer: nn.Module, windows: WindowSet, cfg: TrainConfig, max_windows: int | None
+) -> float:
+    """Pretext loss on up to ``max_windows`` evenly spread validation windows, in eval mode.
+
+    The masks come from a generator seeded with ``cfg.seed`` inside a forked RNG, so every epoch
+    is scored on the same windows with the same masks (comparable across epochs) and the
+    training RNG stream is left untouched (resume stays exact).
+    """
+    n = len(windows)
+    if n <= 1:
         return math.nan
-    picks = [batches[i] for i in torch.linspace(0, len(batches) - 1, min(n, len(batches))).long()]
-    losses = [float(pretrainer(windows.batch(index)[0])[0]) for index in picks if len(index) > 1]
-    return sum(losses) / max(len(losses), 1)
+    take = n if max_windows is None else min(n, max_windows)
+    index = torch.linspace(0, n - 1, take).round().long().unique()
+    pretrainer.eval()
+    total, seen = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        for batch in index.split(cfg.eval_batch_size):
+            if len(batch) < 2:
+                continue
+            loss, _ = pretrainer(windows.batch(batch)[0])
+            total += float(loss) * len(batch)
+            seen += len(batch)
+    return total / max(seen, 1)
 
 
-def run_pretrain(cfg: PretrainRunConfig, val_batches: int = 4) -> PretrainResult:
-    """Train the pretext task on train-split look-back windows and save the encoder."""
+def run_pretrain(cfg: PretrainRunConfig) -> PretrainResult:
+    """Train the pretext task on train-split look-back windows; keep the best-validation encoder.
+
+    The encoder saved (``encoder.safetensors``) is the backbone at the epoch of lowest validation
+    pretext loss; pretraining stops when that loss has not improved for ``patience`` epochs
+    (never before ``min_epochs``) or at ``epochs``.
+    """
     module = _check_method(cfg.method)
     tcfg = cfg.pretrain
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
     # Only the look-back is needed: windows of L + 1 rows so that no train row goes unused.
     data = prepare(replace(cfg.data, horizon=1))
-    generator = seed_everything(tcfg.seed)
+    seed_everything(tcfg.seed)  # the initial weights
     model_cfg = _model_config(cfg.method, cfg.data, cfg.model_settings)
     pretrainer: nn.Module = module.build_pretrainer(model_cfg)
-    params = [p for p in pretrainer.parameters() if p.requires_grad]
-    optim = torch.optim.Adam(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-
     out_dir = cfg.resolved_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = _meta(cfg, data, model_cfg)
     meta["params"] = count_params(pretrainer.backbone)
-    last_path = out_dir / LAST_FILE
-    start, elapsed, history = 0, 0.0, []
-    if cfg.resume and last_path.exists() and (out_dir / META_FILE).exists():
-        old = json.loads((out_dir / META_FILE).read_text())
-        for key in ("method", "lookback", "channels", "model_config"):
+    meta_path = out_dir / META_FILE
+    if cfg.resume and (out_dir / LAST_FILE).exists() and meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        for key in ("method", "lookback", "channels", "model_config", "data"):
             if old.get(key) != json.loads(json.dumps(meta[key])):
                 raise CheckpointError(
                     f"{out_dir}: cannot resume, its {key} is {old.get(key)!r} but this run has "
                     f"{meta[key]!r}; use another --out or drop --resume"
                 )
-        state = torch.load(last_path, weights_only=True)
-        pretrainer.load_state_dict(state["pretrainer"])
-        optim.load_state_dict(state["optim"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["rng"])
-        start, elapsed, history = int(state["epoch"]) + 1, float(state["elapsed"]), old["history"]
-        log.info("resuming %s pretraining at epoch %d", cfg.method, start + 1)
-
-    train, val = data.splits["train"], data.splits["val"]
+        if schedule_of(old.get("pretrain", {})) != schedule_of(
+            json.loads(json.dumps(meta["pretrain"]))
+        ):
+            raise CheckpointError(
+                f"{out_dir}: cannot resume, it was pretrained with {schedule_of(old['pretrain'])} "
+                f"but this run asks for {schedule_of(meta['pretrain'])}"
+            )
     log.info(
         "pretraining %s (%d encoder parameters) on %s -> %s",
         cfg.method,
@@ -229,59 +242,40 @@ def run_pretrain(cfg: PretrainRunConfig, val_batches: int = 4) -> PretrainResult
         data.info.name,
         out_dir,
     )
-    for epoch in range(start, tcfg.epochs):
-        t0 = time.perf_counter()
-        pretrainer.train()
-        stats = train_epoch(
-            train,
-            tcfg,
-            epoch,
-            optim,
-            params,
-            lambda x, _: pretrainer(x),
-            generator,
-            f"pretrain {cfg.method}",
-            after_step=pretrainer.after_step,
-        )
-        val_loss = _val_loss(pretrainer, val, tcfg, val_batches)
-        elapsed += time.perf_counter() - t0
-        row = {
-            "epoch": epoch + 1,
-            "lr": stats.lr,
-            "train_loss": stats.loss,
-            "val_loss": val_loss,
-            "seconds": round(elapsed, 2),
-            **stats.parts,
-        }
-        history.append(row)
-        log.info(
-            "pretrain %s epoch %d: loss %.4f val %.4f (%.1fs)",
-            cfg.method,
-            epoch + 1,
-            row["train_loss"],
-            val_loss,
-            elapsed,
-        )
-        torch.save(
-            {
-                "pretrainer": pretrainer.state_dict(),
-                "optim": optim.state_dict(),
-                "generator": generator.get_state(),
-                "rng": torch.get_rng_state(),
-                "epoch": epoch,
-                "elapsed": elapsed,
-            },
-            last_path,
-        )
-        _write_json(out_dir / META_FILE, {**meta, "finished": False, "history": history})
+    val = data.splits["val"]
 
-    backbone = pretrainer.backbone.state_dict()
-    save_file({k: v.contiguous() for k, v in backbone.items()}, out_dir / ENCODER_FILE)
-    _write_json(
-        out_dir / META_FILE,
-        {**meta, "finished": True, "history": history, "seconds": round(elapsed, 2)},
+    def write(res: LoopResult) -> None:
+        _write_json(meta_path, {**meta, **_loop_fields(res)})
+
+    backbone: nn.Module = pretrainer.backbone  # type: ignore[assignment]
+    res = run_loop(
+        module=pretrainer,
+        groups=[ParamGroup("all", [p for p in pretrainer.parameters() if p.requires_grad])],
+        train=data.splits["train"],
+        cfg=tcfg,
+        out_dir=out_dir,
+        step=lambda x, _: pretrainer(x),
+        validate=lambda: pretext_val_loss(pretrainer, val, tcfg, tcfg.val_max_windows),
+        best_weights=backbone.state_dict,
+        best_file=ENCODER_FILE,
+        after_step=pretrainer.after_step,  # type: ignore[arg-type]
+        after_epoch=write,
+        resume=cfg.resume,
+        desc=f"pretrain {cfg.method}",
     )
-    return PretrainResult(out_dir, len(history), elapsed, history)
+    write(res)
+    return PretrainResult(out_dir, res)
+
+
+def _loop_fields(res: LoopResult) -> dict[str, Any]:
+    return {
+        "finished": res.finished,
+        "history": res.history,
+        "epochs": res.epochs_run,
+        "best_epoch": res.best_epoch,
+        "best_val_loss": res.best_val,
+        "seconds": round(res.seconds, 2),
+    }
 
 
 # --- fine-tuning -----------------------------------------------------------------------------
@@ -409,7 +403,17 @@ def run_finetune(cfg: FinetuneRunConfig) -> FitResult:
         out_dir,
     )
     desc = f"finetune {method}" + ("" if ckpt else " (scratch)")
-    return fit(model, data, cfg.run.train, out_dir, run_info=info, resume=cfg.resume, desc=desc)
+    encoder: nn.Module | None = model.backbone if ckpt is not None else None  # type: ignore[assignment]
+    return fit(
+        model,
+        data,
+        cfg.run.train,
+        out_dir,
+        encoder=encoder,
+        run_info=info,
+        resume=cfg.resume,
+        desc=desc,
+    )
 
 
 # --- CLI ---------------------------------------------------------------------------------------

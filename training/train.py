@@ -7,13 +7,15 @@ from dataclasses import asdict
 
 from training.config import RunConfig
 from training.data import prepare
-from training.engine import FitResult, count_params, fit, seed_everything
+from training.engine import FitResult, count_params, fit
+from training.loop import seed_everything
 from training.models import MODELS, build_model
 
 log = logging.getLogger(__name__)
 
 
-def run_train(cfg: RunConfig) -> FitResult:
+def run_train(cfg: RunConfig, resume: bool = False) -> FitResult:
+    """Train ``cfg.model`` on ``cfg.data``; ``resume`` continues the run in its out folder."""
     data = prepare(cfg.data)
     seed_everything(cfg.train.seed)  # the initial weights depend on it too
     model = build_model(
@@ -29,4 +31,4 @@ def run_train(cfg: RunConfig) -> FitResult:
         "dataset": data.describe(),
     }
     log.info("training %s (%d parameters) -> %s", cfg.model, info["params"], out_dir)
-    return fit(model, data, cfg.train, out_dir, run_info=info, desc=cfg.model)
+    return fit(model, data, cfg.train, out_dir, run_info=info, resume=resume, desc=cfg.model)

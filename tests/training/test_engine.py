@@ -70,15 +70,6 @@ def test_early_stopping_stops_after_patience(tmp_path: Path, data) -> None:
     assert result.epochs_run < 20 and result.epochs_run == result.best_epoch + 1
 
 
-def test_resume_continues_from_last_epoch(tmp_path: Path, data) -> None:
-    model = build_model("mlp", lookback=48, horizon=12, hidden=16)
-    fit(model, data, QUICK, tmp_path)
-    more = TrainConfig(**{**QUICK.__dict__, "epochs": 3})
-    model2 = build_model("mlp", lookback=48, horizon=12, hidden=16)
-    result = fit(model2, data, more, tmp_path, resume=True)
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]
-
-
 def test_run_config_from_toml_and_overrides(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
     toml.write_text("[model]\nhidden = 64\n[train]\nepochs = 7\n[data]\nlookback = 96\n")

@@ -249,8 +249,8 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         model_settings=TINY["dmae"],
         out_dir=str(root / "pre"),
     )
-    result = run_pretrain(cfg, val_batches=1)
-    assert result.epochs == 2 and pretrain_matches(cfg)
+    result = run_pretrain(cfg)
+    assert result.loop.epochs_run == 2 and result.loop.finished and pretrain_matches(cfg)
     return csv, root / "pre"
 
 
@@ -270,10 +270,13 @@ def test_pretraining_resumes_from_its_last_epoch(pretrained: tuple[Path, Path], 
         "model_settings": TINY["himtm"],
         "out_dir": str(tmp_path / "pre"),
     }
-    run_pretrain(build_pretrain_config("himtm", pretrain=QUICK, **kwargs), val_batches=1)
-    more = build_pretrain_config("himtm", pretrain={**QUICK, "epochs": 2}, resume=True, **kwargs)
-    result = run_pretrain(more, val_batches=1)
-    assert [row["epoch"] for row in result.history] == [1, 2]
+    budget = {**QUICK, "epochs": 2}
+    first = run_pretrain(
+        build_pretrain_config("himtm", pretrain={**budget, "stop_after_epochs": 1}, **kwargs)
+    )
+    assert not first.loop.finished and first.loop.epochs_run == 1
+    result = run_pretrain(build_pretrain_config("himtm", pretrain=budget, resume=True, **kwargs))
+    assert [row["epoch"] for row in result.loop.history] == [1, 2] and result.loop.finished
 
 
 def test_finetune_from_pretrained_on_a_users_csv(pretrained: tuple[Path, Path], tmp_path) -> None:
