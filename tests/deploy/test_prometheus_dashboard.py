@@ -18,6 +18,7 @@ import pytest
 from models_registry.store import FilesystemStore
 from tests.models_registry.conftest import free_port
 from tests.service.onnx_models import build_family
+from tests.strict import missing
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "distilcast.json"
@@ -28,10 +29,7 @@ def prometheus_binary() -> str:
     found = shutil.which("prometheus")
     if found:
         return found
-    msg = "prometheus is not installed (scripts/test.sh installs Debian's package)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(msg)
-    pytest.skip(msg)
+    missing("prometheus", "prometheus is not installed")
 
 
 def wait_http(url: str, timeout: float = 60.0) -> None:

@@ -29,8 +29,9 @@ from service.batch_job import main
 from service.core.engine import EngineOptions
 from tests.service.conftest import FIXED, Served, serving
 from tests.service.onnx_models import build_family, linear_bytes, manifest, mlp_bytes
+from tests.strict import require_module
 
-ray = pytest.importorskip("ray")
+ray = require_module("ray")
 
 pytestmark = [
     pytest.mark.slow,
