@@ -108,7 +108,12 @@ def prometheus(tmp_path: Path, service: str) -> Iterator[str]:
         proc.wait(timeout=20)
 
 
-def traffic(base: str, stop: threading.Event) -> None:
+FORECAST_ROUTES = ("/v1/forecast", "/v1/forecast/batch")
+
+
+def traffic(base: str, stop: threading.Event, sent: list[int]) -> None:
+    """Requests until ``stop``; ``sent[0]`` counts the answered POSTs to the forecast routes (each
+    one observed once in ``distilcast_request_duration_seconds``, whatever its status)."""
     window = [[float(i % 24) + c for c in range(3)] for i in range(L)]
     bodies = [
         (
@@ -149,6 +154,7 @@ def traffic(base: str, stop: threading.Event) -> None:
         while not stop.is_set():
             for path, body in bodies:
                 client.post(path, json=body)
+                sent[0] += 1
             client.get("/v1/models")
             # Policy rejections: over the series limit (413) and an admin call with no token.
             client.post(
@@ -158,6 +164,7 @@ def traffic(base: str, stop: threading.Event) -> None:
                     "series": [{"id": i, "values": window} for i in range(60)],
                 },
             )
+            sent[0] += 1
             client.put("/v1/models/etth1-h96/aliases/staging", json={"version": 1})
 
 
@@ -170,7 +177,10 @@ def query(prom: str, expr: str) -> list[dict[str, object]]:
 
 def test_every_dashboard_expression_returns_data(service: str, prometheus: str) -> None:
     stop = threading.Event()
-    workers = [threading.Thread(target=traffic, args=(service, stop)) for _ in range(3)]
+    sent = [[0] for _ in range(3)]
+    workers = [
+        threading.Thread(target=traffic, args=(service, stop, count)) for count in sent
+    ]
     for w in workers:
         w.start()
     board = json.loads(DASHBOARD.read_text())
@@ -182,19 +192,31 @@ def test_every_dashboard_expression_returns_data(service: str, prometheus: str) 
     try:
         # Both workers must have been scraped through one endpoint, with traffic in the window.
         deadline = time.monotonic() + 90
-        missing = exprs
+        empty = exprs
         while time.monotonic() < deadline:
             time.sleep(2)
-            missing = [e for e in exprs if not query(prometheus, e)]
-            if not missing:
+            empty = [e for e in exprs if not query(prometheus, e)]
+            if not empty:
                 break
     finally:
         stop.set()
         for w in workers:
             w.join(timeout=15)
-    assert not missing, f"dashboard expressions with no data: {missing}"
+    assert not any(w.is_alive() for w in workers)
+    assert not empty, f"dashboard expressions with no data: {empty}"
     up = query(prometheus, "up")
     assert up and all(s["value"][1] == "1" for s in up)  # type: ignore[index]
-    # Counts from both workers add up (multiprocess mode): every request is counted once.
-    pids = query(prometheus, "count(distilcast_model_loaded)")
-    assert pids
+    # Multiprocess mode: the one /metrics endpoint sums both workers' files, so the scraped
+    # request count equals the requests sent (one worker's count alone would fall short, a
+    # request counted twice would exceed it). Wait for a scrape after the last request.
+    total = sum(count[0] for count in sent)
+    assert total > 0
+    counted = -1.0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        result = query(prometheus, "sum(distilcast_request_duration_seconds_count)")
+        counted = float(result[0]["value"][1]) if result else -1.0  # type: ignore[index]
+        if counted == total:
+            break
+        time.sleep(1)
+    assert counted == total, f"Prometheus counted {counted} forecast requests, {total} were sent"

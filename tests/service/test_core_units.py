@@ -6,7 +6,6 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -69,7 +68,12 @@ def test_time_axes() -> None:
         from_timestamps([2, 1], 2, "t")
     with pytest.raises(InvalidInput):
         from_timestamps(["2024-01-01", 5], 2, "t")
-    assert isinstance(datetime.fromisoformat("2024-01-01"), datetime)
+    # Date-only stamps are read as midnight and extended by their own spacing.
+    days = from_timestamps(["2024-01-01", "2024-01-02"], 2, "t")
+    assert days.future(2) == ["2024-01-03 00:00:00", "2024-01-04 00:00:00"]
+    with pytest.raises(InvalidInput) as err:
+        from_timestamps(["2024-01-01", "2024-13-01"], 2, "t")  # no 13th month
+    assert err.value.field == "t[1]"
 
 
 def test_calibration_levels_and_bands() -> None:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from training.config import build_run_config
 from training.data import DataConfig, prepare
-from training.engine import TrainConfig, evaluate, fit
+from training.engine import TrainConfig, evaluate, fit, predict
 from training.models import build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +33,16 @@ def test_fit_writes_checkpoint_and_run_json(tmp_path: Path, data) -> None:
     assert run["test"]["windows"] == len(data.splits["test"])
     weights = load_file(tmp_path / "best.safetensors")
     assert set(weights) == set(model.state_dict())
-    assert result.test["mse"] > 0 and result.test["mse_raw"] > result.test["mse"] * 0
+    # The reported test figures are those of the saved best weights over every test window, and
+    # the raw-scale MSE weights each channel's squared error by its train variance.
+    best = build_model("mlp", lookback=48, horizon=12, hidden=16)
+    best.load_state_dict(weights)
+    pred, true = predict(best, data.splits["test"])
+    err = (pred - true).double()
+    assert result.test["mse"] == pytest.approx(float((err**2).mean()), rel=1e-6)
+    std = torch.from_numpy(data.scaler.std).double()
+    assert result.test["mse_raw"] == pytest.approx(float((err**2 * std**2).mean()), rel=1e-6)
+    assert result.test["mse_raw"] != pytest.approx(result.test["mse"], rel=1e-3)
 
 
 def test_evaluation_uses_every_test_window_and_raw_scale(data) -> None:

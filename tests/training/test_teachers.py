@@ -179,11 +179,21 @@ def test_himtm_teacher_gives_targets_without_gradient(teacher: str) -> None:
 
 def test_dmae_student_and_teacher_masks_are_exact_complements() -> None:
     pre = dmae.build_pretrainer(tiny_config("dmae"))
-    series = torch.randn(200, L) * 2 + 1
-    z, hidden, visible = pre.complementary_inputs(series)
-    assert torch.equal(visible, ~hidden)
-    torch.testing.assert_close(z * visible + z * hidden, z)
-    assert torch.all((z * visible)[hidden] == 0) and torch.all((z * hidden)[visible] == 0)
+    seen: dict[str, tuple[torch.Tensor, ...]] = {}
+    pre.backbone.register_forward_pre_hook(lambda _m, a: seen.__setitem__("student", a))
+    pre.teacher.register_forward_pre_hook(lambda _m, a: seen.__setitem__("teacher", a))
+    x = sines(70)  # [70, L, 3]: 210 rows
+    torch.manual_seed(0)
+    pre(x)
+    # What the two encoders were really given: complementary masks, hidden values zeroed.
+    (z_s, obs_s), (z_t, obs_t) = seen["student"], seen["teacher"]
+    assert torch.equal(obs_s, ~obs_t)
+    assert torch.all(z_s[~obs_s] == 0) and torch.all(z_t[~obs_t] == 0)
+    # Together they rebuild the whole normalised series: nothing lost, nothing seen twice.
+    torch.manual_seed(0)  # the same mask: drawing it is forward's first random step
+    z, hidden, _ = pre.complementary_inputs(x.transpose(1, 2).reshape(-1, L))
+    assert torch.equal(obs_t, hidden)
+    torch.testing.assert_close(z_s + z_t, z)
     assert float(hidden.float().mean()) == pytest.approx(0.15, abs=0.03)
 
 
