@@ -13,12 +13,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from models_registry.defaults import DEFAULT_ROOT, REDIS_ENV, ROOT_ENV
 from models_registry.errors import InvalidName, RegistryError
 from models_registry.store import FilesystemStore
-
-ROOT_ENV = "DISTILCAST_REGISTRY_ROOT"
-REDIS_ENV = "DISTILCAST_REDIS_URL"
-DEFAULT_ROOT = "./var/registry"
 
 
 def _parser() -> argparse.ArgumentParser:
