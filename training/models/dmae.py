@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from training.models.base import TokenForecaster
 from training.models.layers import Encoder, EncoderLayer, ema_update, front_pad
-from training.models.masking import geometric_mask, masked_instance_norm
+from training.models.masking import geometric_mask, masked_instance_norm, normalise
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class DMAEPretrainer(nn.Module):
             n, length, self.cfg.mask_ratio, self.cfg.mean_span, device=series.device
         )  # [N, L]
         _, mean, std = masked_instance_norm(series, ~hidden)  # stats [N, 1]
-        return (series - mean) / std, hidden, ~hidden
+        return normalise(series, mean, std), hidden, ~hidden
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # x: [B, L, C]

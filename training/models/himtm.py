@@ -19,7 +19,7 @@ from training.models.layers import (
     front_pad,
     frozen_copy,
 )
-from training.models.masking import masked_instance_norm, random_token_mask
+from training.models.masking import masked_instance_norm, normalise, random_token_mask
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class HiMTMConfig:
     mask_ratio: float = 0.5
     decoder_depth: int = 1
     distill_weight: float = 1.0
-    teacher: Literal["shared", "ema"] = "ema"
+    teacher: Literal["shared", "ema"] = "shared"
     ema_decay: float = 0.996
 
 
@@ -173,9 +173,9 @@ class HiMTMPretrainer(nn.Module):
     1. Hide exactly ``mask_ratio`` of the top-level units at random; normalise each series with
        the statistics of its visible points.
     2. Student: the encoder sees only the visible units and gives features at every level.
-    3. Teacher (no gradient): a momentum (EMA) copy of the encoder (``teacher="ema"``, the
-       default) or the same encoder under stop-gradient (``teacher="shared"``) encodes only the
-       *hidden* units.
+    3. Teacher (no gradient): the same encoder under stop-gradient (``teacher="shared"``, the
+       default: the paper's figure) or a momentum (EMA) copy of it (``teacher="ema"``) encodes
+       only the *hidden* units.
     4. Per level ``i``: the regressor predicts the hidden tokens' latents from the visible ones;
        ``L_D,i`` = MSE to the teacher's (layer-normalised) features there; a linear head maps
        the predicted latents to the hidden values (``patch_len * 2**i`` steps per token) and
@@ -219,7 +219,7 @@ class HiMTMPretrainer(nn.Module):
         unit_hidden[torch.arange(n, device=x.device)[:, None], visible_units] = False
         point_visible = ~unit_hidden.repeat_interleave(geo.unit * p, dim=1)  # [N, n_base * p]
         _, mean, std = masked_instance_norm(series, point_visible)  # stats [N, 1]
-        z = (series - mean) / std  # [N, n_base * p]
+        z = normalise(series, mean, std)  # [N, n_base * p]
         patches = z.reshape(n, geo.n_base, p)  # [N, n_base, p]
 
         feats, _ = self.backbone(patches, visible_units)  # [N, T_v_i, D] per level
@@ -264,9 +264,9 @@ class HiMTM(TokenForecaster):
       aligns them with the teacher encoder's features of the hidden tokens, which are
       layer-normalised (data2vec) so the shared encoder cannot lower the loss by shrinking its
       output; a linear head on the predicted latents reconstructs the hidden values;
-    * the teacher is a no-gradient momentum (EMA, decay 0.996) copy of the encoder, updated after
-      every step (BYOL/data2vec style); ``teacher="shared"`` instead runs the student's own
-      weights under stop-gradient, the simpler reading of the paper's figure;
+    * the teacher shares the student's weights and runs forward only, under stop-gradient and
+      in eval mode (no dropout, BatchNorm on running statistics), as the paper's figure shows;
+      ``teacher="ema"`` (an option) uses a no-gradient momentum copy (decay 0.996) instead;
     * BatchNorm (PatchTST's choice) in the levels, the merges and the cross-scale layer; with
       LayerNorm (``norm="layer"``, Swin's choice) every token loses its own level and scale, and
       ETTh1 H=96 test MSE was worse at the bench budget: 0.383 vs 0.372 from scratch, 0.384 vs
