@@ -162,8 +162,9 @@ def test_each_loss_term_is_positive_when_student_differs() -> None:
 
 
 def test_feature_terms_ignore_the_scale_of_the_features() -> None:
-    # H_s is taken before BatchNorm, so its scale does not matter to the forecast; nor here.
-    criterion = make_criterion()
+    # H_s is taken before BatchNorm, so its scale does not matter to the forecast; nor, with
+    # standardised features (an option; the default matches raw values), to the feature terms.
+    criterion = make_criterion(feature_norm="standardize")
     y, h_s, h_t = torch.randn(4, H, 3), torch.randn(4, 3, 16), torch.randn(4, 3, 24)
     with torch.no_grad():
         base = criterion(y, h_s, y, y, [h_t])
