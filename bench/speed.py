@@ -14,9 +14,10 @@ alike; a model's latency is the median over its calls.
 The ensemble is timed as the accurate path serves it: its members run one after the other on the
 same request (each on the last L_t steps of the window), then their forecasts are averaged; one
 timed call covers all of that. Several students can be timed in the same run (default: the
-distilled ensemble students at L = 336, the pipeline's serving lookback, and at L = 720, the
-paper's); the first is the served one and gives the ``ensemble/student`` ratio, the others
-``ensemble/<student>``.
+distilled ensemble students at L = 336, the pipeline's lookback, and at L = 720, the paper's);
+the first gives the ``ensemble/student`` ratio, the others ``ensemble/<student>``. These are the
+benchmark's models (``runs/bench``), not what ``scripts/serve.sh`` serves (the quick pipeline's
+student and its one small PatchTST).
 
 Writes ``bench/results/speed.json``: ``{"meta": {...}, "records": [...]}`` with records
 ``{"model", "params", "batch", "latency_ms"}`` and ``{"ratio": "ensemble/student", "batch",
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--students",
         default=None,
-        help="student run folders, the served one first (its ratio is 'ensemble/student'); "
+        help="student run folders, the first gives the ratio 'ensemble/student'; "
         "default <teacher-dir>/<dataset>-student-ensemble-L{336,720}-H<h>; mlp:L = untrained",
     )
     p.add_argument("--batches", default="1,256")
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "students": [
             {"name": st.name, "source": st.source, "lookback": st.lookback} for st in students
         ],
-        "served_student": student.name,  # the one behind the 'ensemble/student' ratio
+        "ratio_student": student.name,  # the one behind the 'ensemble/student' ratio
         "teachers": [
             {"name": t.name, "source": t.source, "lookback": t.lookback} for t in teachers
         ],
@@ -246,7 +247,8 @@ def write_markdown(meta: dict[str, Any], records: list[dict[str, Any]], path: Pa
         + ", ".join(f"{n} calls at batch {b}" for b, n in meta["calls_per_model"].items())
         + f" per model, in rounds of consecutive calls per model; ONNX Runtime "
         f"{meta['onnxruntime']}, 1 intra-op thread. Ensemble = {meta['ensemble']}. "
-        f"Served student (ratio 'ensemble/student'): {meta['served_student']}. "
+        f"Student of the ratio 'ensemble/student': {meta['ratio_student']} (`runs/bench`; "
+        "`scripts/serve.sh` serves the quick pipeline's student, not this one). "
         "Reproduce: `python bench/speed.py` (see `bench/README.md`).",
         "",
         "| model | L | params | batch | latency ms |",
