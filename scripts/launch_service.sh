@@ -39,7 +39,7 @@ cleanup() {
 trap cleanup EXIT
 
 # shellcheck disable=SC2086  # UVICORN_ARGS is a list of flags
-"$PYTHON" -m uvicorn service.app:app_factory --factory \
+"$PYTHON" -m service.launch service.app:app_factory --factory \
     --host "$HOST" --port "$PORT" --workers "$WORKERS" \
     --no-access-log --timeout-graceful-shutdown 15 ${UVICORN_ARGS:-} &
 server=$!

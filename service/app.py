@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -64,12 +65,40 @@ async def _refresh_loop(services: Services, interval: float) -> None:
         metrics.REGISTRY_CACHE_UP.set(1 if services.registry.cache.available else 0)
 
 
+def _stop_accepting(loop: asyncio.AbstractEventLoop, handler: Any) -> None:
+    """Stop accepting connections at the signal, on the listening socket itself.
+
+    uvicorn stops accepting at its next tick (up to 0.1 s later) by closing its listening
+    sockets. With several workers the supervisor keeps a reference to the shared socket until
+    every worker has drained and exited, so the kernel kept completing handshakes no worker
+    would accept, and reset them all (the requests written on them lost) when the supervisor
+    exited. Here this process leaves its accept loop at once; a single process also shuts the
+    socket down (new connections are refused: the client knows nothing was sent), and with
+    several workers the supervisor does (service/launch.py), after it has signalled every
+    worker: a worker must not, or a lone worker stopped by hand would take the socket from the
+    others and from its own replacement. `handler` is uvicorn's `Server.handle_exit`; another
+    server leaves this a no-op."""
+    server = getattr(handler, "__self__", None)
+    single = getattr(getattr(server, "config", None), "workers", None) == 1
+    for listener in getattr(server, "servers", ()):
+        for sock in listener.sockets:
+            fd = sock.fileno()
+            if fd < 0:
+                continue
+            loop.remove_reader(fd)
+            if single:
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as shared:
+                    shared.shutdown(socket.SHUT_RD)
+
+
 def _drain_on_signals(services: Services) -> Callable[[], None]:
     """Mark the replica draining as soon as uvicorn gets SIGTERM/SIGINT, not only when the
-    lifespan ends (uvicorn first waits for connections): /readyz turns 503 and new requests are
-    refused with 503 + `Connection: close` while in-flight ones finish. Returns the undo."""
+    lifespan ends (uvicorn first waits for connections): /readyz turns 503 and requests on open
+    connections are refused with 503 + `Connection: close` while in-flight ones finish; new
+    connections are refused (`_stop_accepting`). Returns the undo."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None  # served from a thread (tests): the signals are not ours to watch
+    loop = asyncio.get_running_loop()
     previous: dict[int, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         handler = signal.getsignal(sig)
@@ -78,6 +107,7 @@ def _drain_on_signals(services: Services) -> Callable[[], None]:
 
         def on_signal(signum: int, frame: FrameType | None, handler: Any = handler) -> None:
             services.draining = True
+            _stop_accepting(loop, handler)
             handler(signum, frame)
 
         previous[sig] = handler

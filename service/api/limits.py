@@ -78,6 +78,11 @@ class CloseWhenDraining:
     connections to close, but a connection accepted in the same loop turn as the signal misses
     its shutdown notice and would stay keep-alive, served until the timeout cancels whatever it
     runs then (a 500). Closing after each answer ends such connections at their next request.
+
+    Decided when the answer starts, not when the request arrived: a request in flight at the
+    signal is answered while draining too, and without the header its connection would look
+    reusable to the client just as uvicorn closes it as idle, losing the next request written
+    on it.
     """
 
     def __init__(self, app: ASGIApp, *, draining: Callable[[], bool]) -> None:
@@ -85,12 +90,12 @@ class CloseWhenDraining:
         self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.draining():
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
         async def closing(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and self.draining():
                 headers = [(k, v) for k, v in message.get("headers", [])
                            if k.lower() != b"connection"]
                 message = {**message, "headers": [*headers, (b"connection", b"close")]}
