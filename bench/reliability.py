@@ -15,9 +15,14 @@ bench/results/reliability.json (a list) and a row in reliability.md:
   hostile_input      hand-written cases + schemathesis (150 per operation and mode) + core fuzz
   security           admin tokens, traversal, symlink escape, import graph, image user
 
-Every record: scenario, requests, succeeded, failed, status_codes, p50/p99/max ms,
-rss_before_mb/rss_after_mb (the serving process), problems (empty when every expectation held),
-length, seconds, and the scenario's own figures. `--length auto` runs full length unless the
+Every record: scenario, requests, then every outcome judged against what the scenario expects:
+answered (the expected answer, body checked), refused_503 (503 + Retry-After, only in overload and
+after SIGTERM), refused_connect (connection refused, or closed before any byte of the request was
+written on it: only after SIGTERM) and failed (anything else: 500s, other codes, truncated or
+invalid bodies, lost requests, resets, timeouts), with failures by kind; status_codes,
+p50/p99/max ms, rss_before_mb/rss_after_mb (the serving process), problems (empty when every
+expectation held; a failed outcome is always one), passed (no problem and failed == 0), length,
+seconds, and the scenario's own figures. `--length auto` runs full length unless the
 1-minute load average is above 4 (two cores shared with training), and says which it ran.
 """
 
@@ -69,8 +74,8 @@ SCENARIOS: dict[str, Callable[[Path, Lengths], dict[str, Any]]] = {
     "security": scenarios.security_checks,
 }
 
-COLUMNS = ("scenario", "requests", "succeeded", "failed", "status_codes", "p99_ms",
-           "rss_before_mb", "rss_after_mb", "passed")
+COLUMNS = ("scenario", "requests", "answered", "refused_503", "refused_connect", "failed",
+           "status_codes", "p99_ms", "rss_before_mb", "rss_after_mb", "passed")
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
@@ -93,17 +98,23 @@ def key_figures(r: dict[str, Any]) -> str:
                          "events_back_after_restart_s", "promotion_to_swap_s"),
         "promotions": ("promotions", "switches", "regressions", "outside_window"),
         "corrupt_artifact": ("loads_integrity_error_total", "versions_seen"),
-        "overload": ("capacity_rps", "offered_rps", "served_rps", "budget_s", "max_ms",
-                     "rss_peak_mb", "rss_bound_mb"),
-        "overload_parse": ("capacity_rps", "offered_rps", "served_rps", "budget_s", "max_ms",
-                           "rss_peak_mb", "rss_bound_mb"),
+        "overload": ("capacity_rps", "offered_rps", "attempts_made", "served_rps", "budget_s",
+                     "max_ms", "rss_peak_mb", "rss_bound_mb"),
+        "overload_parse": ("capacity_rps", "offered_rps", "attempts_made", "served_rps",
+                           "budget_s", "max_ms", "rss_peak_mb", "rss_bound_mb"),
         "graceful_shutdown": ("workers", "in_flight_at_sigterm", "in_flight_completed",
-                              "after_sigterm", "shutdown_s", "exit_status"),
+                              "after_sigterm_codes", "shutdown_s", "exit_status"),
         "hostile_input": ("hand_written_cases", "schemathesis_cases",
                           "schemathesis_server_errors", "core_fuzz_cases"),
         "security": ("runtime_user",),
     }.get(r["scenario"], ())
-    return ", ".join(f"{k}={json.dumps(r.get(k))}" for k in keys)
+    figures = {**r, "attempts_made": len(r.get("attempts", []))}
+    return ", ".join(f"{k}={json.dumps(figures.get(k))}" for k in keys)
+
+
+def passed(record: dict[str, Any]) -> bool:
+    """No problem and no failed outcome (a record is never read as passing on one alone)."""
+    return not record["problems"] and record["failed"] == 0
 
 
 def main() -> int:
@@ -129,7 +140,7 @@ def main() -> int:
             load = os.getloadavg()[0]
             record = SCENARIOS[name](Path(tmp), lengths)
             record.update({
-                "passed": not record["problems"], "length": length,
+                "passed": passed(record), "length": length,
                 "seconds": round(time.monotonic() - started, 1),
                 "load_avg_1m": round(load, 2), "cpus": os.cpu_count(),
                 "python": platform.python_version(),

@@ -5,7 +5,10 @@
   reads the serving process's RSS from /proc.
 * `Load` sends HTTP requests from an asyncio loop in a background thread, closed loop (N workers)
   or open loop (a fixed rate), and records one `Outcome` per request, with what went wrong
-  classified (refused, timeout, disconnected before an answer, truncated answer, ...).
+  classified (refused, unsent, lost, truncated, invalid, timeout, ...) and whether any byte of
+  the request was written on its connection.
+* `summarise` sorts every outcome into `answered`, `refused_503`, `refused_connect` or `failed`
+  (what a scenario allows is its `Judge`) and lists any failure as a problem.
 * `Lengths` holds every duration and count, so the CI tests and `bench/reliability.py` run the
   same code, short and full length.
 
@@ -261,20 +264,28 @@ class Outcome:
     version: int | None = None
     values: Any = None
     detail: str = ""
-
+    written: bool = False  # some bytes of the request were handed to its connection
     @property
     def ms(self) -> float:
         return (self.done - self.sent) * 1000.0
 
 
 class Failed(Exception):
-    """A request without a complete answer: `kind` is refused, timeout, disconnected (the
-    connection closed before any byte of an answer), truncated (an answer cut short) or other."""
+    """A request without a complete answer. `kind`:
 
-    def __init__(self, kind: str, detail: str) -> None:
+    * refused: the connection could not be opened (nothing was sent);
+    * unsent: the connection was found closed before any byte of the request was written on it;
+    * lost: the request was written, and the connection closed (or was reset) before any byte of
+      an answer: the server may or may not have read it, so it is a lost request, never clean;
+    * truncated: an answer cut short; timeout: no complete answer in time; other.
+
+    `written` says whether any byte of the request was handed to the connection."""
+
+    def __init__(self, kind: str, detail: str, written: bool) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.written = written
 
 
 @dataclass(slots=True)
@@ -285,6 +296,28 @@ class Answer:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+@dataclass(slots=True)
+class _Progress:
+    written: bool = False
+
+
+def peer_closed(writer: asyncio.StreamWriter) -> bool:
+    """Whether the peer has closed (or reset) this connection, asked of the socket itself: a
+    non-blocking MSG_PEEK reads the FIN (b"") or the reset without consuming anything. Unread
+    bytes nobody asked for also make the connection unusable."""
+    transport_socket = writer.get_extra_info("socket")
+    if transport_socket is None or writer.is_closing():
+        return True
+    try:
+        with socket.socket(fileno=os.dup(transport_socket.fileno())) as sock:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False  # open, and nothing to read: the peer has not closed it
+    except OSError:
+        return True
+    return True
 
 
 class RawClient:
@@ -308,41 +341,49 @@ class RawClient:
         now = time.monotonic()
         while self._idle:
             reader, writer, since = self._idle.pop()
-            if now - since < self.IDLE_EXPIRY_S and not reader.at_eof():
+            if (now - since < self.IDLE_EXPIRY_S and not reader.at_eof()
+                    and not peer_closed(writer)):
                 return reader, writer
-            writer.close()
+            writer.close()  # closed while idle: nothing of the next request goes there
         return None
 
     async def request(self, method: str, path: str, body: bytes | None,
                       headers: Mapping[str, str] | None) -> Answer:
+        progress = _Progress()
         try:
             async with asyncio.timeout(self.timeout):
-                return await self._request(method, path, body or b"", headers or {})
+                return await self._request(method, path, body or b"", headers or {}, progress)
         except TimeoutError:
-            raise Failed("timeout", f"no complete answer within {self.timeout} s") from None
+            raise Failed("timeout", f"no complete answer within {self.timeout} s",
+                         progress.written) from None
 
     async def _request(self, method: str, path: str, body: bytes,
-                       headers: Mapping[str, str]) -> Answer:
+                       headers: Mapping[str, str], progress: _Progress) -> Answer:
         idle = self._reusable()
-        reused = idle is not None
         if idle is not None:
             reader, writer = idle
         else:
             try:
                 reader, writer = await asyncio.open_connection(self.host, self.port)
             except OSError as exc:
-                raise Failed("refused", f"{type(exc).__name__}: {exc}") from None
+                raise Failed("refused", f"{type(exc).__name__}: {exc}", False) from None
+            if peer_closed(writer):
+                writer.close()
+                raise Failed("unsent", "the new connection was closed before the request was "
+                             "written", False)
         head = [f"{method} {path} HTTP/1.1", f"host: {self.host}:{self.port}",
                 f"content-length: {len(body)}"]
         head += [f"{k}: {v}" for k, v in headers.items()]
         got_bytes = False
         try:
+            # From here on the request counts as sent: a closure before any answer is a loss.
+            progress.written = True
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
             await writer.drain()
             line = await reader.readline()
             if not line:
-                raise Failed("disconnected", "closed before any answer"
-                             + (" (keep-alive)" if reused else ""))
+                raise Failed("lost", "closed after the request was written, before any answer",
+                             True)
             got_bytes = True
             status = int(line.split()[1])
             answer_headers: dict[str, str] = {}
@@ -351,7 +392,7 @@ class RawClient:
                 if line in (b"\r\n", b"\n"):
                     break
                 if not line:
-                    raise Failed("truncated", "closed inside the headers")
+                    raise Failed("truncated", "closed inside the headers", True)
                 key, _, value = line.decode("latin-1").partition(":")
                 answer_headers[key.strip().lower()] = value.strip()
             if answer_headers.get("transfer-encoding") == "chunked":
@@ -360,12 +401,12 @@ class RawClient:
                 data = await reader.readexactly(int(answer_headers.get("content-length", "0")))
         except asyncio.IncompleteReadError as exc:
             writer.close()
-            raise Failed("truncated", f"{len(exc.partial)} of {exc.expected} body bytes"
+            raise Failed("truncated", f"{len(exc.partial)} of {exc.expected} body bytes", True
                          ) from None
         except (ConnectionError, OSError) as exc:
             writer.close()
-            kind = "truncated" if got_bytes else "disconnected"
-            raise Failed(kind, f"{type(exc).__name__}: {exc}") from None
+            kind = "truncated" if got_bytes else "lost"
+            raise Failed(kind, f"{type(exc).__name__}: {exc}", True) from None
         except Failed:
             writer.close()
             raise
@@ -392,28 +433,52 @@ class RawClient:
         self._idle.clear()
 
 
+def _invalid(outcome: Outcome, answer: Answer, why: str) -> None:
+    outcome.error = "invalid"
+    outcome.detail = f"{why}: {answer.body[:160].decode(errors='replace')}"
+
+
 def parse_forecast(outcome: Outcome, answer: Answer) -> None:
     """Fill version and the first series' values from a forecast answer (only those: keeping
-    every answer's arrays would make the generator's own GC pauses bunch its requests); a body
-    that is not whole JSON is `truncated`."""
+    every answer's arrays would make the generator's own GC pauses bunch its requests). A 200
+    whose body is not a forecast (not JSON, no integer version, no forecast values) is
+    `invalid`."""
     if answer.status != 200:
         return
     try:
         data = answer.json()
     except ValueError:
-        outcome.error, outcome.detail = "truncated", answer.body[:200].decode(errors="replace")
+        _invalid(outcome, answer, "not JSON")
         return
-    if isinstance(data, dict) and "version" in data:
-        outcome.version = int(data["version"])
-        forecasts = data.get("forecasts") or [{}]
-        outcome.values = [forecasts[0].get("values")]
+    forecasts = data.get("forecasts") if isinstance(data, dict) else None
+    first = forecasts[0] if isinstance(forecasts, list) and forecasts else None
+    if not (isinstance(data, dict) and isinstance(data.get("version"), int)
+            and isinstance(first, dict) and isinstance(first.get("values"), list)
+            and first["values"]):
+        _invalid(outcome, answer, "not a forecast")
+        return
+    outcome.version = data["version"]
+    outcome.values = [first["values"]]
+
+
+def parse_object(outcome: Outcome, answer: Answer) -> None:
+    """A 200 must be one JSON object."""
+    if answer.status != 200:
+        return
+    try:
+        data = answer.json()
+    except ValueError:
+        _invalid(outcome, answer, "not JSON")
+        return
+    if not isinstance(data, dict):
+        _invalid(outcome, answer, "not a JSON object")
 
 
 def parse_length(outcome: Outcome, answer: Answer) -> None:
     """For big answers: a 200 must be whole JSON, checked without building its objects."""
     if answer.status == 200 and not (answer.body.startswith(b"{")
                                      and answer.body.rstrip().endswith(b"}")):
-        outcome.error, outcome.detail = "truncated", answer.body[:200].decode(errors="replace")
+        _invalid(outcome, answer, "not a whole JSON object")
 
 
 class Load:
@@ -470,13 +535,14 @@ class Load:
         out = Outcome(req.tag, time.monotonic(), 0.0)
         try:
             answer = await client.request(req.method, req.path, req.body, req.headers)
+            out.written = True
             out.status = answer.status
             out.retry_after = answer.headers.get("retry-after")
             self.parse(out, answer)
             if out.status >= 400 and out.error is None:
                 out.detail = answer.body[:200].decode(errors="replace")
         except Failed as exc:
-            out.error, out.detail = exc.kind, exc.detail
+            out.error, out.detail, out.written = exc.kind, exc.detail, exc.written
         except Exception as exc:  # every failure is a figure, never a crash of the generator
             out.error, out.detail = "other", f"{type(exc).__name__}: {exc}"
         out.done = time.monotonic()
@@ -527,24 +593,69 @@ class Load:
 # -- figures ---------------------------------------------------------------------------------------
 
 
-def summarise(scenario: str, outcomes: list[Outcome], *, ok: Callable[[Outcome], bool] | None
-              = None, rss_before: float | None = None, rss_after: float | None = None,
-              **extra: Any) -> dict[str, Any]:
-    """The record of one scenario: counts, status codes, p50/p99/max latency of the answers."""
-    ok = ok or (lambda o: o.status == 200 and o.error is None)
-    codes = Counter(str(o.status) if o.status is not None else (o.error or "none")
-                    for o in outcomes)
+ANSWERED, REFUSED_503, REFUSED_CONNECT, FAILED = (
+    "answered", "refused_503", "refused_connect", "failed")
+CATEGORIES = (ANSWERED, REFUSED_503, REFUSED_CONNECT, FAILED)
+
+
+def whole_200(o: Outcome) -> bool:
+    return o.status == 200 and o.error is None
+
+
+@dataclass(frozen=True)
+class Judge:
+    """What a scenario accepts of one outcome. `answer`: the expected answer (default: a 200
+    whose body parsed); `allow_503`: a 503 with Retry-After is a clean refusal;
+    `allow_connect`: a connection refused, or found closed before any byte of the request was
+    written on it, is a clean refusal. Anything else is `failed`."""
+
+    answer: Callable[[Outcome], bool] = whole_200
+    allow_503: bool = False
+    allow_connect: bool = False
+
+    def __call__(self, o: Outcome) -> str:
+        if o.error is None and o.status is not None and self.answer(o):
+            return ANSWERED
+        if self.allow_503 and o.status == 503 and o.error is None and o.retry_after:
+            return REFUSED_503
+        if (self.allow_connect and o.status is None and o.error in ("refused", "unsent")
+                and not o.written):
+            return REFUSED_CONNECT
+        return FAILED
+
+
+def outcome_label(o: Outcome) -> str:
+    """A status code, or what went wrong (`200 invalid` for a 200 whose body was wrong)."""
+    if o.status is None:
+        return o.error or "none"
+    return str(o.status) if o.error is None else f"{o.status} {o.error}"
+
+
+def counts(outcomes: list[Outcome], judge: Callable[[Outcome], str]) -> dict[str, Any]:
+    """requests, answered, refused_503, refused_connect, failed and the failures by kind."""
+    by = Counter(judge(o) for o in outcomes)
+    failed_kinds = Counter(outcome_label(o) for o in outcomes if judge(o) == FAILED)
+    return {"requests": len(outcomes), **{c: by.get(c, 0) for c in CATEGORIES},
+            "failures": dict(sorted(failed_kinds.items()))}
+
+
+def summarise(scenario: str, outcomes: list[Outcome], *, problems: list[str],
+              judge: Callable[[Outcome], str] = Judge(), rss_before: float | None = None,
+              rss_after: float | None = None, **extra: Any) -> dict[str, Any]:
+    """The record of one scenario: every outcome judged (`counts`), status codes, p50/p99/max
+    latency of the answers. Any failed outcome is a problem: no scenario can forget it."""
+    tally = counts(outcomes, judge)
+    codes = Counter(outcome_label(o) for o in outcomes)
     answered = [o.ms for o in outcomes if o.status is not None and o.error is None]
-    succeeded = sum(1 for o in outcomes if ok(o))
     p50, p99 = percentile(answered, 50), percentile(answered, 99)
-    samples = [f"{o.status or o.error}: {o.detail[:160]}" for o in outcomes if not ok(o)][:5]
-    if samples:
+    samples = [f"{outcome_label(o)}: {o.detail[:160]}" for o in outcomes
+               if judge(o) == FAILED][:5]
+    if tally[FAILED]:
+        problems = [*problems, f"{tally[FAILED]} failed outcomes: {tally['failures']}"]
         extra.setdefault("failure_samples", samples)
     return {
         "scenario": scenario,
-        "requests": len(outcomes),
-        "succeeded": succeeded,
-        "failed": len(outcomes) - succeeded,
+        **tally,
         "status_codes": dict(sorted(codes.items())),
         "p50_ms": None if p50 is None else round(p50, 2),
         "p99_ms": None if p99 is None else round(p99, 2),
@@ -552,6 +663,7 @@ def summarise(scenario: str, outcomes: list[Outcome], *, ok: Callable[[Outcome],
         "rss_before_mb": None if rss_before is None else round(rss_before, 1),
         "rss_after_mb": None if rss_after is None else round(rss_after, 1),
         **extra,
+        "problems": problems,
     }
 
 

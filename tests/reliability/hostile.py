@@ -464,7 +464,7 @@ async def _announce_only(client: RawClient, case: Case, headers: dict[str, str]
                     length = int(value)
             data = await reader.readexactly(length)
     except TimeoutError:
-        raise Failed("timeout", "no answer to an announced body") from None
+        raise Failed("timeout", "no answer to an announced body", True) from None
     finally:
         writer.close()
     return Answer(status, {}, data)

