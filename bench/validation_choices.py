@@ -10,17 +10,17 @@ part in it. Groups:
 
 * ``distill``: ``DistillConfig.fft_norm`` ("ortho" vs the authors' unscaled "backward") x
   ``feature_norm`` ("standardize" vs "none"), the student at ``training/configs/distill.toml``'s
-  budget (L = 720, 10 epochs at most, patience 3), distilled from one PatchTST teacher: the quick
-  pipeline's small PatchTST at its budget (``training/configs/pipeline-quick.toml``), trained
-  here first at L = 336 (the original measurement used the bench's full PatchTST, 44 minutes
-  of training; this teacher takes about two);
+  budget (L = 720, 10 epochs at most, patience 3), distilled from one PatchTST teacher: a small
+  PatchTST (``SMALL_PATCHTST``, the quick pipeline's before this bench) at the quick pipeline's
+  training budget, trained here first at L = 336 (the original measurement used the bench's full
+  PatchTST, 44 minutes of training; this teacher takes under one);
 * ``norm``: ``norm = "batch"`` vs ``"layer"`` for SimMTM and HiMTM, pretrained then fine-tuned
-  at their TOML budgets (as ``accuracy_teachers.py`` does; ``--norm-scratch`` adds the
-  from-scratch pair);
-* ``quick``: the quick pipeline's settings: its teacher (the small PatchTST vs the three masked-
-  pretraining teachers at one epoch of pretraining and one of fine-tuning, their mean forecast),
-  the PatchTST size (small vs ``patchtst.toml``'s default model, both at the quick training
-  budget) and the plain student's epochs (2 vs ``mlp.toml``'s 10 with patience 3).
+  at the teacher bench's budgets of the original measurement (``PRETRAIN_BUDGET``,
+  ``FINETUNE_BUDGET``; ``--norm-scratch`` adds the from-scratch pair);
+* ``quick``: the quick pipeline's settings: its teacher (a PatchTST, either size, vs the three
+  masked-pretraining teachers at one epoch of pretraining and one of fine-tuning, their mean
+  forecast), the PatchTST size (``SMALL_PATCHTST`` vs ``patchtst.toml``'s model, both at the
+  quick training budget) and the plain student's epochs (2 vs ``mlp.toml``'s 10, patience 3).
 
 Writes ``bench/results/validation_choices.json`` (records merged by (group, setting,
 candidate), so groups can run apart) and ``validation_choices.md``.
@@ -63,7 +63,17 @@ log = logging.getLogger("bench.validation_choices")
 RESULTS = REPO / "bench" / "results"
 KEY = ("group", "setting", "candidate")
 QUICK = load_toml(CONFIG_DIR / "pipeline-quick.toml")
-QUICK_PATCHTST_MODEL: dict[str, Any] = QUICK["models"]["patchtst"]["model"]
+# The smaller PatchTST the quick pipeline used before this bench (non-overlapping patches: 21
+# tokens, two layers): the distillation group's teacher, and a candidate of the quick group.
+SMALL_PATCHTST: dict[str, Any] = {
+    "patch_len": 16,
+    "stride": 16,
+    "d_model": 16,
+    "n_heads": 4,
+    "d_ff": 64,
+    "n_layers": 2,
+    "dropout": 0.2,
+}
 QUICK_PATCHTST_TRAIN: dict[str, Any] = QUICK["models"]["patchtst"]["train"]
 TEACHER_LOOKBACK = 336
 # The budgets of the original measurements (the teacher bench's TOMLs at commit 5e252fa), pinned
@@ -133,7 +143,7 @@ def ensure_teacher(args: argparse.Namespace) -> Path:
     """The small PatchTST (the distillation teacher and a quick-pipeline candidate)."""
     run = teacher_dir(args)
     if not (run / "run.json").exists() or "test" not in json.loads((run / "run.json").read_text()):
-        quick_patchtst(args, QUICK_PATCHTST_MODEL, "small")
+        quick_patchtst(args, SMALL_PATCHTST, "small")
     return run
 
 
@@ -277,6 +287,12 @@ def ensemble_scores(args: argparse.Namespace, runs: list[Path]) -> dict[str, flo
     return out
 
 
+DEFAULT_TEACHER = "patchtst, default size (pretrained = [])"
+SMALL_TEACHER = "patchtst, small (pretrained = [])"
+DEFAULT_SIZE = "default (patchtst.toml [model]: patches 16/8, 3 layers)"
+SMALL_SIZE = "small (patches 16/16, 2 layers, d_ff 64, dropout 0.2)"
+
+
 def group_quick(args: argparse.Namespace) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     ensure_teacher(args)
@@ -289,8 +305,11 @@ def group_quick(args: argparse.Namespace) -> list[dict[str, Any]]:
         "seconds": round(small["summary"]["train_seconds"], 1),
         "run": str(teacher_dir(args)),
     }
-    # Teacher: small PatchTST vs the three masked-pretraining teachers at a quick budget.
-    records.append(quick_record("teacher", "patchtst small (pretrained = [])", small_rec, args))
+    default_model = load_toml(CONFIG_DIR / "patchtst.toml")["model"]
+    default_rec = quick_patchtst(args, {k: default_model[k] for k in SMALL_PATCHTST}, "default")
+    # Teacher: a PatchTST (either size) vs the three masked-pretraining teachers, quick budgets.
+    records.append(quick_record("teacher", DEFAULT_TEACHER, default_rec, args))
+    records.append(quick_record("teacher", SMALL_TEACHER, small_rec, args))
     members, seconds = [], 0.0
     for method in ("simmtm", "himtm", "dmae"):
         rec = pretrained_teacher(
@@ -314,15 +333,9 @@ def group_quick(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
     )
     # PatchTST size at the quick training budget.
-    records.append(
-        quick_record(
-            "patchtst size", "small (pipeline-quick [models.patchtst.model])", small_rec, args
-        )
-    )
-    default_model = load_toml(CONFIG_DIR / "patchtst.toml")["model"]
-    rec = quick_patchtst(args, {k: default_model[k] for k in QUICK_PATCHTST_MODEL}, "default")
-    records.append(quick_record("patchtst size", "default (patchtst.toml [model])", rec, args))
-    # The plain student's epochs (the quick pipeline trains it alone when distill is missing).
+    records.append(quick_record("patchtst size", DEFAULT_SIZE, default_rec, args))
+    records.append(quick_record("patchtst size", SMALL_SIZE, small_rec, args))
+    # The plain student's epochs (what the quick pipeline trained alone when distill was missing).
     for epochs, patience in ((2, 2), (10, 3)):
         out = args.runs / f"{args.dataset}-mlp-e{epochs}-L{TEACHER_LOOKBACK}-H{args.horizon}"
         cfg = build_run_config(
@@ -364,10 +377,15 @@ def merge(records: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict
 
 
 def mark_chosen(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``chosen``: the lowest validation MSE within each (group, setting); test is not read."""
+    """``chosen``: the lowest validation MSE within each (group, setting); test is not read.
+    Settings named ``... (members)`` list the parts of a candidate and choose nothing."""
     out = [dict(r) for r in records]
     for key in {(r["group"], r["setting"]) for r in out}:
         rows = [r for r in out if (r["group"], r["setting"]) == key]
+        if key[1].endswith("(members)"):
+            for r in rows:
+                r["chosen"] = False
+            continue
         winner = min(rows, key=lambda r: r["val_mse"])
         for r in rows:
             r["chosen"] = r is winner and len(rows) > 1

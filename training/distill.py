@@ -38,9 +38,9 @@ a benchmark distilling several students on the same data runs each teacher once.
 Choices where the paper is silent, or where its literal form failed here. Both are made on the
 validation split (``bench/validation_choices.py``, group ``distill``, in
 ``bench/results/validation_choices.md``): ETTh1-96, the student at ``distill.toml``'s budget
-(L = 720, 10 epochs at most, patience 3), one seed, distilled from one PatchTST teacher (the quick
-pipeline's; val MSE 0.680, test 0.384). Validation MSE decides; test MSE is given in brackets as
-a report only:
+(L = 720, 10 epochs at most, patience 3), one seed, distilled from one small PatchTST teacher
+(21 tokens, two layers; val MSE 0.680, test 0.384). Validation MSE decides; test MSE is given in
+brackets as a report only:
 
 * The rFFT is orthonormal (``fft_norm = "ortho"``). Unnormalised amplitudes grow with the length,
   so at temperature 0.5 the softmax is all but one-hot (mean top probability 0.96 on the true

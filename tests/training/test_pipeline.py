@@ -102,7 +102,10 @@ def test_plan_and_names(tmp_path: Path) -> None:
     assert default_name("exchange_rate", 336) == "exchange_rate-h336"
     quick = load_plan(PipelineConfig(quick=True))
     assert quick.student == "mlp" and quick.supervised == ("patchtst",)
-    assert quick.settings("mlp", "train")["epochs"] == 2
+    # Both chosen on validation (bench/results/validation_choices.md): the student's and the
+    # PatchTST's own TOML settings, no overrides; the PatchTST's batches stay capped.
+    assert quick.settings("mlp", "train") == {} and quick.settings("patchtst", "model") == {}
+    assert quick.settings("patchtst", "train")["max_train_batches"] == 32
     full = load_plan(PipelineConfig())
     assert full.pretrained == ("simmtm", "himtm", "dmae")
     bad = tmp_path / "bad.toml"
