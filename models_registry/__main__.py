@@ -1,4 +1,6 @@
-"""Command line: `python -m models_registry [--root DIR] list | show | promote | verify | gc`.
+"""Command line: `python -m models_registry [--root DIR] COMMAND`.
+
+Commands: list, show, promote (through the promotion gate), history, verify, gc.
 
 Exit codes: 0 success, 1 the operation failed (not found, integrity, verify found problems),
 2 bad usage (arguments, malformed names).
@@ -8,12 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from models_registry.defaults import DEFAULT_ROOT, REDIS_ENV, ROOT_ENV
+from models_registry.defaults import (
+    DEFAULT_ROOT,
+    DEFAULT_TOLERANCE,
+    REDIS_ENV,
+    ROOT_ENV,
+    TOLERANCE_ENV,
+)
 from models_registry.errors import InvalidName, RegistryError
 from models_registry.store import FilesystemStore
 
@@ -34,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("name")
     promote.add_argument("version", type=int)
     promote.add_argument("--alias", default="production")
+    promote.add_argument("--force", action="store_true",
+                         help="promote past the gate (a worse validation MSE); kept in history")
+    promote.add_argument("--tolerance", type=float, default=None,
+                         help=f"relative slack of the gate (default: ${TOLERANCE_ENV}, else "
+                         f"{DEFAULT_TOLERANCE:g})")
+    promote.add_argument("--actor", default=None,
+                         help="who promotes, for the history (default: cli:$USER)")
+    history = sub.add_parser("history", help="every alias change of a model, oldest first")
+    history.add_argument("name")
+    history.add_argument("--json", action="store_true", help="one JSON object per line")
     verify = sub.add_parser("verify", help="check hashes, manifests, groups and aliases")
     verify.add_argument("name", nargs="?")
     gc = sub.add_parser("gc", help="delete old versions (never aliased ones)")
@@ -63,18 +82,51 @@ def cmd_show(store: FilesystemStore, ref: str) -> int:
     return 0
 
 
-async def _promote(root: str, name: str, alias: str, version: int) -> str:
+async def _promote(root: str, name: str, alias: str, version: int, *, force: bool,
+                   tolerance: float | None, actor: str) -> str:
     # Imported here: only promote needs the async/Redis stack, and the other commands start faster.
     from models_registry.registry import open_registry
 
     # Through the Registry, so replicas listening on Redis hear about it at once.
     registry = open_registry(root, os.environ.get(REDIS_ENV) or None)
     try:
-        event = await registry.promote(name, alias, version)
+        _, change = await registry.change_alias(
+            name, alias, version, force=force, actor=actor, tolerance=tolerance
+        )
     finally:
         await registry.close()
-    before = "unset" if event.previous is None else str(event.previous)
-    return f"{name}@{alias}: {before} -> {event.version}"
+    before = "unset" if change.previous is None else str(change.previous)
+    line = f"{name}@{alias}: {before} -> {change.version}"
+    if change.gate is not None and change.gate.current is not None:
+        g = change.gate
+        line += (f" ({g.metric} {g.candidate} vs {g.current}"
+                 f"{', forced past the gate' if change.forced else ''})")
+    return line
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in a bare container
+        return "unknown"
+
+
+def cmd_history(store: FilesystemStore, name: str, as_json: bool) -> int:
+    changes = store.history(name)
+    if as_json:
+        for change in changes:
+            print(change.model_dump_json())
+        return 0
+    if not changes:
+        print(f"no alias changes recorded for {name}")
+    for c in changes:
+        before = "unset" if c.previous is None else str(c.previous)
+        gate = ""
+        if c.gate is not None and c.gate.current is not None:
+            gate = f"\t{c.gate.metric} {c.gate.candidate} vs {c.gate.current}"
+        forced = "\tFORCED" if c.forced else ""
+        print(f"{c.time.isoformat()}\t{c.alias}: {before} -> {c.version}\t{c.actor}{gate}{forced}")
+    return 0
 
 
 def cmd_verify(store: FilesystemStore, name: str | None) -> int:
@@ -112,8 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "show":
             return cmd_show(store, args.ref)
         if args.command == "promote":
-            print(asyncio.run(_promote(args.root, args.name, args.alias, args.version)))
+            actor = args.actor or f"cli:{_user()}"
+            print(asyncio.run(_promote(args.root, args.name, args.alias, args.version,
+                                       force=args.force, tolerance=args.tolerance, actor=actor)))
             return 0
+        if args.command == "history":
+            return cmd_history(store, args.name, args.json)
         if args.command == "verify":
             return cmd_verify(store, args.name)
         if args.command == "gc":
@@ -121,6 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InvalidName, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `... | head` closed the pipe: not an error. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (RegistryError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -61,3 +61,36 @@ class ManifestError(RegistryError):
 
 class CacheUnavailable(RegistryError):
     """The cache backend cannot be reached; callers fall back to the filesystem."""
+
+
+class PromotionRefused(RegistryError):
+    """The promotion gate refused a version: its validation metric is worse than the current
+    holder's beyond the tolerance (or it has none to compare). Pass ``force=True`` to override;
+    the forced change is recorded in the model's alias history."""
+
+    def __init__(
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        *,
+        metric: str,
+        candidate: float | None,
+        current: float,
+        current_version: int,
+        tolerance: float,
+    ) -> None:
+        self.name = name
+        self.alias = alias
+        self.version = version
+        self.metric = metric
+        self.candidate = candidate
+        self.current = current
+        self.current_version = current_version
+        self.tolerance = tolerance
+        shown = "missing" if candidate is None else f"{candidate:.6g}"
+        super().__init__(
+            f"refused to point {name}@{alias} at version {version}: its {metric} {shown} is "
+            f"worse than version {current_version}'s {current:.6g} by more than the tolerance "
+            f"({tolerance:.2%}); force the promotion to override"
+        )

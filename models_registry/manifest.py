@@ -98,6 +98,32 @@ class AliasEvent(_Frozen):
     source: Literal["local", "remote", "resync"] = "local"
 
 
+class GateCheck(_Frozen):
+    """The promotion gate's comparison: the candidate's validation metric against the current
+    holder's (None when there was nothing to compare)."""
+
+    metric: str
+    candidate: float | None
+    current: float | None
+    current_version: int | None
+    tolerance: float
+    passed: bool
+
+
+class AliasChange(_Frozen):
+    """One line of a model's alias history (`<root>/<name>/history.jsonl`)."""
+
+    time: datetime
+    name: str
+    alias: str
+    previous: int | None
+    version: int = Field(ge=1)
+    actor: str
+    """Who or what moved it: `register`, `cli:<user>`, `api:<request id>`, `pipeline`, ..."""
+    forced: bool = False
+    gate: GateCheck | None = None
+
+
 class DatasetInfo(_Frozen):
     """The data a model was trained on."""
 

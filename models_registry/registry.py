@@ -41,6 +41,7 @@ from models_registry.errors import (
 )
 from models_registry.manifest import (
     DEFAULT_ALIAS,
+    AliasChange,
     AliasEvent,
     Manifest,
     check_name,
@@ -222,13 +223,44 @@ class Registry:
 
         return unsubscribe
 
-    async def promote(self, name: str, alias: str, version: int) -> AliasEvent:
-        """Point `alias` at `version`: filesystem first, then cache and pub/sub event."""
+    async def promote(
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        *,
+        force: bool = False,
+        actor: str = "registry",
+        tolerance: float | None = None,
+    ) -> AliasEvent:
+        """Point `alias` at `version`: filesystem first (through the promotion gate, recorded in
+        the history: `FilesystemStore.change_alias`), then cache and pub/sub event. Raises
+        `PromotionRefused` for a worse version on `production` unless `force`."""
+        event, _ = await self.change_alias(
+            name, alias, version, force=force, actor=actor, tolerance=tolerance
+        )
+        return event
+
+    async def change_alias(
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        *,
+        force: bool = False,
+        actor: str = "registry",
+        tolerance: float | None = None,
+    ) -> tuple[AliasEvent, AliasChange]:
+        """`promote`, also returning the history line written (with the gate's figures)."""
         async with self._state_lock:
-            previous = await asyncio.to_thread(self.store.set_alias, name, alias, version)
+            change = await asyncio.to_thread(
+                self.store.change_alias, name, alias, version,
+                actor=actor, force=force, tolerance=tolerance,
+            )
             self._known[(name, alias)] = version
             event = AliasEvent(
-                name=name, alias=alias, version=version, previous=previous, source="local"
+                name=name, alias=alias, version=version, previous=change.previous,
+                source="local",
             )
             # The promotion is durable at this point; a cache failure below is logged and counted
             # and other replicas still catch up on their next resync.
@@ -237,7 +269,12 @@ class Registry:
             self._queue.put_nowait(event)
         if not self._tasks:
             await self._drain()
-        return event
+        return event, change
+
+    async def history(self, name: str) -> list[AliasChange]:
+        """Every alias change of `name`, oldest first (from the filesystem)."""
+        check_name(name)
+        return await asyncio.to_thread(self.store.history, name)
 
     async def start(self) -> None:
         """Start the event listener; returns once the first subscription attempt has finished."""

@@ -6,7 +6,8 @@ Layout (docs/contracts.md)::
                                            collides with entries cached for an older one
     <root>/<name>/<version>/model.onnx     immutable once the version directory exists
     <root>/<name>/<version>/manifest.json
-    <root>/<name>/aliases.json             {"production": 3, ...}
+    <root>/<name>/aliases.json             {"production": 3, "staging": 4, ...}
+    <root>/<name>/history.jsonl            every alias change, appended (AliasChange lines)
     <root>/<name>/.lock                    per-model lock file (filelock)
 
 Crash and concurrency safety rest on three rules:
@@ -17,6 +18,11 @@ Crash and concurrency safety rest on three rules:
   fsynced, so a crash leaves the old or the new content, never a torn one;
 * choosing a version number, moving aliases and deleting versions happen under the model's file
   lock, so two processes registering at once get distinct versions.
+
+A new version goes on the `staging` alias. Moving `production` passes the promotion gate: the
+candidate's validation MSE may not be worse than the current production's beyond a relative
+tolerance, unless forced (`PromotionRefused` names both figures). The check runs under the model
+lock, so every path (CLI, admin API, training pipeline) gets the same gate and history.
 """
 
 from __future__ import annotations
@@ -38,17 +44,26 @@ from typing import Any
 import filelock
 from pydantic import ValidationError
 
+from models_registry.defaults import (
+    GATE_METRIC,
+    GATED_ALIASES,
+    STAGING_ALIAS,
+    promotion_tolerance,
+)
 from models_registry.errors import (
     AliasNotFound,
     IntegrityError,
     InvalidName,
     ManifestError,
     ModelNotFound,
+    PromotionRefused,
     RegistryError,
     VersionNotFound,
 )
 from models_registry.manifest import (
     DEFAULT_ALIAS,
+    AliasChange,
+    GateCheck,
     Manifest,
     ModelRef,
     check_alias,
@@ -61,6 +76,7 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 ALIASES_FILE = "aliases.json"
+HISTORY_FILE = "history.jsonl"
 STORE_ID_FILE = ".store-id"
 _LOCK_FILE = ".lock"
 _TMP_PREFIX = ".tmp-"
@@ -122,6 +138,45 @@ def _atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _append_line(path: Path, data: bytes) -> None:
+    # O_APPEND: one write per line, so a crash tears at most the last line (history() skips it).
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_gate(
+    alias: str,
+    candidate: Manifest,
+    current: Manifest | None,
+    tolerance: float,
+    metric: str = GATE_METRIC,
+) -> GateCheck | None:
+    """Compare `candidate` with the version `alias` points at now (None: unset). Returns None
+    for an ungated alias; otherwise the figures and whether the candidate passes: its `metric`
+    (lower is better) at most `current * (1 + tolerance)`. Nothing to compare (no current
+    version, or one without the metric) passes; a candidate without the metric against a current
+    one that has it does not."""
+    if alias not in GATED_ALIASES:
+        return None
+    cand = candidate.metrics.get(metric)
+    if current is None or current.version == candidate.version:
+        return GateCheck(metric=metric, candidate=cand, current=None, current_version=None,
+                         tolerance=tolerance, passed=True)
+    cur = current.metrics.get(metric)
+    if cur is None:
+        passed = True
+    elif cand is None:
+        passed = False
+    else:
+        passed = cand <= cur * (1.0 + tolerance)
+    return GateCheck(metric=metric, candidate=cand, current=cur, current_version=current.version,
+                     tolerance=tolerance, passed=passed)
 
 
 class FilesystemStore:
@@ -360,6 +415,7 @@ class FilesystemStore:
         os.rename(tmp, model_dir / str(version))
         _fsync_dir(model_dir)
         log.info("registered %s@%d (%s)", name, version, final.kind)
+        self._write_alias(name, STAGING_ALIAS, version, actor="register", gate=None, forced=False)
         return final
 
     def register(self, manifest: Manifest, onnx_bytes: bytes) -> Manifest:
@@ -437,28 +493,116 @@ class FilesystemStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def set_alias(self, name: str, alias: str, version: int) -> int | None:
+    def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        *,
+        actor: str = "unknown",
+        force: bool = False,
+        tolerance: float | None = None,
+    ) -> int | None:
         """Point `alias` at `version`; returns the version it pointed at before (None if unset).
+        See `change_alias` for the checks, the gate and the history."""
+        return self.change_alias(
+            name, alias, version, actor=actor, force=force, tolerance=tolerance
+        ).previous
+
+    def change_alias(
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        *,
+        actor: str = "unknown",
+        force: bool = False,
+        tolerance: float | None = None,
+    ) -> AliasChange:
+        """Point `alias` at `version` and append the change to the model's history.
 
         The version is checked first (its manifest parses, its bytes match the sha256, an
-        ensemble's members exist): promoting a broken artifact should fail here, not in the service.
+        ensemble's members exist): promoting a broken artifact should fail here, not in the
+        service. A gated alias (`production`) then passes the promotion gate (`check_gate`,
+        relative `tolerance`, default `$DISTILCAST_PROMOTION_TOLERANCE` or 1%): a worse version
+        raises `PromotionRefused` naming both figures, unless `force`.
         """
         check_alias(alias)
+        tol = promotion_tolerance(tolerance)
         with self._lock(name):
             manifest = self.manifest(name, version)
             if manifest.kind == "ensemble":
                 self._member_manifests(manifest.members)
             else:
                 self.onnx_bytes(name, version)
-            aliases = self.aliases(name)
-            previous = aliases.get(alias)
-            aliases[alias] = version
-            payload = json.dumps(dict(sorted(aliases.items())), indent=2).encode()
-            _atomic_write(self.model_dir(name) / ALIASES_FILE, payload)
-        log.info("alias %s@%s: %s -> %d", name, alias, previous, version)
-        return previous
+            current_version = self.aliases(name).get(alias)
+            current = None
+            if current_version is not None:
+                try:
+                    current = self.manifest(name, current_version)
+                except ModelNotFound:
+                    current = None  # an alias left on a deleted version: nothing to compare
+            gate = check_gate(alias, manifest, current, tol)
+            if gate is not None and not gate.passed and not force:
+                assert gate.current is not None and gate.current_version is not None
+                log.warning("promotion gate refused %s@%s -> %d: %s %s vs %s (version %d)",
+                            name, alias, version, gate.metric, gate.candidate, gate.current,
+                            gate.current_version)
+                raise PromotionRefused(
+                    name, alias, version, metric=gate.metric, candidate=gate.candidate,
+                    current=gate.current, current_version=gate.current_version, tolerance=tol,
+                )
+            change = self._write_alias(
+                name, alias, version, actor=actor, gate=gate,
+                forced=bool(force and gate is not None and not gate.passed),
+            )
+        log.info("alias %s@%s: %s -> %d (%s%s)", name, alias, change.previous, version, actor,
+                 ", forced past the gate" if change.forced else "")
+        return change
 
-    # -- maintenance -----------------------------------------------------------------------------
+    def _write_alias(
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        *,
+        actor: str,
+        gate: GateCheck | None,
+        forced: bool,
+    ) -> AliasChange:
+        """Under the model lock: write the alias map, then append the history line."""
+        aliases = self.aliases(name)
+        previous = aliases.get(alias)
+        aliases[alias] = version
+        payload = json.dumps(dict(sorted(aliases.items())), indent=2).encode()
+        _atomic_write(self.model_dir(name) / ALIASES_FILE, payload)
+        change = AliasChange(
+            time=datetime.now(UTC), name=name, alias=alias, previous=previous, version=version,
+            actor=actor, forced=forced, gate=gate,
+        )
+        _append_line(self.model_dir(name) / HISTORY_FILE, change.model_dump_json().encode())
+        return change
+
+    def history(self, name: str) -> list[AliasChange]:
+        """Every alias change of `name`, oldest first (a torn last line is skipped)."""
+        model_dir = self.model_dir(name)
+        path = self._inside(model_dir / HISTORY_FILE)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            if not self._versions_in(model_dir):
+                raise ModelNotFound(name) from None
+            return []
+        out: list[AliasChange] = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(AliasChange.model_validate_json(line))
+            except ValidationError as exc:
+                log.warning("%s:%d: unreadable history line skipped: %s", path, number,
+                            exc.errors()[0]["msg"])
+        return out
 
     def verify(self, name: str | None = None) -> list[Problem]:
         """Check manifests, hashes, group members and aliases; returns what is wrong (or [])."""

@@ -110,9 +110,9 @@ def test_embedded_registry_notices_promotions_from_other_processes(
         reg.subscribe(events.put_nowait)
         await reg.start()
         # what `python -m models_registry promote` does in another process without Redis
-        FilesystemStore(store.root).set_alias("student-etth1", "staging", 1)
+        FilesystemStore(store.root).set_alias("student-etth1", "canary", 1)
         event = await asyncio.wait_for(events.get(), timeout=2)
-        assert (event.alias, event.version, event.source) == ("staging", 1, "resync")
+        assert (event.alias, event.version, event.source) == ("canary", 1, "resync")
         await reg.close()
 
     asyncio.run(main())
@@ -148,4 +148,4 @@ def test_unreachable_redis_falls_back_to_filesystem(
         asyncio.run(main())
     warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warnings) == 1  # rate-limited, not one per read
-    assert store.aliases(m.name) == {"production": 1}
+    assert store.aliases(m.name) == {"production": 1, "staging": 1}

@@ -48,7 +48,7 @@ def test_cli_list_show_verify_gc(store: FilesystemStore, make_manifest: Manifest
         "student-etth1",
         "student",
         "versions=1,2,3",
-        "aliases: production=1",
+        "aliases: production=1 staging=3",
     ]
     assert lines[2].startswith("teachers\tensemble")
 

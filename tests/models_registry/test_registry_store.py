@@ -116,10 +116,10 @@ def test_aliases_and_resolve(store: FilesystemStore, make_manifest: ManifestFact
     for i in range(3):
         store.register(make_manifest(), ONNX + bytes([i]))
     name = "student-etth1"
-    assert store.aliases(name) == {}
+    assert store.aliases(name) == {"staging": 3}  # registering puts the new version on staging
     assert store.resolve(name) == (name, 3)  # no production alias: latest
     assert store.set_alias(name, "production", 1) is None
-    assert store.set_alias(name, "staging", 2) is None
+    assert store.set_alias(name, "staging", 2) == 3
     assert store.set_alias(name, "production", 2) == 1
     assert store.aliases(name) == {"production": 2, "staging": 2}
     on_disk = json.loads((store.root / name / "aliases.json").read_text())
