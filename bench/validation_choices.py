@@ -16,7 +16,7 @@ part in it. Groups:
   PatchTST, 44 minutes of training; this teacher takes under one);
 * ``norm``: ``norm = "batch"`` vs ``"layer"`` for SimMTM and HiMTM, pretrained then fine-tuned
   at the teacher bench's budgets of the original measurement (``PRETRAIN_BUDGET``,
-  ``FINETUNE_BUDGET``; ``--norm-scratch`` adds the from-scratch pair);
+  ``FINETUNE_BUDGET``), and the same networks fine-tuned from scratch (``--norm-modes``);
 * ``quick``: the quick pipeline's settings: its teacher (a PatchTST, either size, vs the three
   masked-pretraining teachers at one epoch of pretraining and one of fine-tuning, their mean
   forecast), the PatchTST size (``SMALL_PATCHTST`` vs ``patchtst.toml``'s model, both at the
@@ -245,7 +245,7 @@ def pretrained_teacher(
 def group_norm(args: argparse.Namespace) -> list[dict[str, Any]]:
     records = []
     for method in ("simmtm", "himtm"):
-        for scratch in (False, True) if args.norm_scratch else (False,):
+        for scratch in (m == "scratch" for m in args.norm_modes.split(",")):
             for norm in ("batch", "layer"):
                 tag = f"{norm}{'-scratch' if scratch else ''}"
                 rec = pretrained_teacher(
@@ -420,7 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="ETTh1")
     p.add_argument("--horizon", type=int, default=96)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--norm-scratch", action="store_true", help="also the from-scratch pair")
+    p.add_argument(
+        "--norm-modes",
+        default="pretrained,scratch",
+        help="norm group: pretrained (+ fine-tuned) and/or scratch (the same network untrained)",
+    )
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "validation_choices")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--no-progress", action="store_true")
