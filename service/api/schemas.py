@@ -79,7 +79,12 @@ class SeriesIn(_Doc):
         None, description="One per row (ISO 8601 or numbers); the step is inferred."
     )
     start: str | int | float | None = Field(None, description="First row's time, with `freq`.")
-    freq: str | None = Field(None, description="Fixed step: '15min', 'h', 'D', 'W', '30s', ...")
+    freq: str | None = Field(
+        None,
+        description="With `start` (or with `timestamps`, to state a calendar step): a fixed step "
+        "('15min', 'h', 'D', 'W', '30s') or a calendar one ('MS', 'ME', 'QS', 'QE', 'YS', 'YE', "
+        "'B', 'W-MON', with multipliers like '2MS').",
+    )
 
 
 class _Options(_Doc):

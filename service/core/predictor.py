@@ -187,7 +187,7 @@ class Predictor:
             )
         axis: TimeAxis | None = None
         if s.timestamps is not None:
-            axis = from_timestamps(s.timestamps, n, s.at("timestamps"))
+            axis = from_timestamps(s.timestamps, n, s.at("timestamps"), s.freq, s.at("freq"))
         elif s.start is not None or s.freq is not None:
             if s.start is None or s.freq is None:
                 missing = "start" if s.start is None else "freq"
