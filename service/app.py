@@ -17,23 +17,34 @@ from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
 
+import fastapi_offline
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
+from starlette.responses import HTMLResponse
 
 from models_registry.registry import open_registry
-from service import metrics
+from service import metrics, tracing
 from service.api import errors
+from service.api.access import AccessControl
 from service.api.decode import Limits
 from service.api.deps import Services
 from service.api.limits import BodyLimit, CloseWhenDraining
+from service.api.requestid import RequestId
 from service.api.routes import forecast, health, models
-from service.api.schemas import request_schemas
+from service.api.schemas import forecast_example, request_schemas
 from service.config import Settings, get_settings
 from service.core.engine import EngineOptions
 from service.core.pool import ModelPool, PoolOptions
 from service.core.predictor import Predictor
+from service.logs import configure_logging
 
 log = logging.getLogger(__name__)
+
+DOCS_STATIC = "/docs-static"
+# Swagger UI's JS and CSS as shipped in the pinned fastapi-offline wheel: /docs works air-gapped.
+_SWAGGER_ASSETS = os.path.join(os.path.dirname(fastapi_offline.__file__), "static")
 
 
 def _pool_options(s: Settings) -> PoolOptions:
@@ -127,8 +138,27 @@ async def _drain(services: Services, timeout: float) -> None:
         await asyncio.sleep(0.01)
 
 
+def _examples(services: Services) -> dict[str, dict[str, Any]]:
+    """Request bodies for the docs, shaped for the default model this replica serves."""
+    pool, predictor = services.pool, services.predictor
+    lookback, channels, name = 96, None, None
+    if pool is not None and predictor is not None:
+        served = [s for s in pool.served() if s.kind == "student"]
+        default = services.settings.default_model or (served[0].name if served else None)
+        pick = next((s for s in served if s.name == default), None)
+        if pick is not None:
+            lookback, channels, name = pick.lookback, pick.channels, pick.name
+    return {
+        forecast.FORECAST: forecast_example(name, lookback, channels),
+        forecast.BATCH: forecast_example(name, lookback, channels, batch=True),
+    }
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    if settings.configure_logging:
+        configure_logging(settings)
+    tracing.setup(settings.otel)
     services = Services(
         settings, Limits(settings.max_series_per_request, settings.max_points_per_request)
     )
@@ -148,6 +178,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             load=services.load,
         )
         registry.subscribe(pool.on_alias_event)
+        access = AccessControl(settings)
+        services.access = access if access.active else None
         refresher: asyncio.Task[None] | None = None
         restore_signals = _drain_on_signals(services)
         try:
@@ -176,6 +208,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await predictor.close()
             await pool.close(settings.drain_timeout_s)
             await registry.close()
+            await access.close()
             executor.shutdown(wait=False, cancel_futures=True)
             metrics.mark_process_dead(os.getpid())
 
@@ -188,7 +221,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # FastAPI's OpenTelemetry hooks check the global providers on every request (~10-30 us
         # here); the service exports Prometheus metrics itself. DISTILCAST_OTEL=true restores them.
         telemetry=None if settings.otel else {"tracing": False, "metrics": False, "logs": False},
+        # /docs is served below from local assets; ReDoc's page loads web fonts: off.
+        docs_url=None,
+        redoc_url=None,
     )
+    app.mount(DOCS_STATIC, StaticFiles(directory=_SWAGGER_ASSETS), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC}/favicon.png",
+            # No badge from the public validator service.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
     app.state.services = services
     errors.install(app)
     handlers = forecast.ForecastHandlers(services)
@@ -203,7 +253,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             schema.setdefault("components", {}).setdefault("schemas", {}).update(
                 request_schemas()
             )
-            app.openapi_schema = schema
+            for path, example in _examples(services).items():
+                body = schema["paths"][path]["post"]["requestBody"]["content"]
+                body["application/json"]["example"] = example
+            if services.pool is not None:
+                # Cached only once the models are known, so the example fits the default one.
+                app.openapi_schema = schema
+            return schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -211,6 +267,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.fast_path:
         app.add_middleware(forecast.HotPaths, handlers=handlers)
     app.add_middleware(CloseWhenDraining, draining=lambda: services.draining)
+    # Outermost: every answer (fast path, errors, 503s while draining) carries the id.
+    app.add_middleware(RequestId, access=settings.access_log)
     return app
 
 

@@ -39,6 +39,35 @@ class Settings(BaseSettings):
 
     # Admin.
     admin_token: str | None = Field(default=None, description="None: admin routes answer 403.")
+    promotion_tolerance: Annotated[float, Field(ge=0)] | None = Field(
+        default=None,
+        description="Relative slack of the promotion gate on production (admin API); None: "
+        "$DISTILCAST_PROMOTION_TOLERANCE, else 0.01.",
+    )
+
+    # Forecast access: API keys and per-client rate limits.
+    api_keys: tuple[str, ...] = Field(
+        default=(),
+        description="sha256 hex digests of the accepted X-API-Key values (never the keys). "
+        "Forecast routes need a key when this is set or api_keys_redis is on.",
+    )
+    api_keys_redis: bool = Field(
+        default=False,
+        description="Also accept keys whose sha256 is in the Redis set <redis_prefix>api-keys.",
+    )
+    rate_limit: str | None = Field(
+        default=None,
+        description="Per key (per client address without keys), e.g. '100/second' or "
+        "'1000 per minute'; counted in Redis when redis_url is set, so replicas share it.",
+    )
+
+    # Logs and traces.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    access_log: bool = Field(default=False, description="One JSON line per request.")
+    configure_logging: bool = Field(
+        default=True, description="False leaves logging to the embedding program."
+    )
 
     # Dynamic batcher.
     batch_max_size: Annotated[int, Field(ge=1, le=65536)] = 1024
@@ -70,7 +99,9 @@ class Settings(BaseSettings):
     )
     drain_timeout_s: Annotated[float, Field(ge=0)] = 10.0
     otel: bool = Field(
-        default=False, description="Let FastAPI emit OpenTelemetry spans/metrics when configured."
+        default=False,
+        description="OpenTelemetry tracing (needs the otel extra): spans per request and for "
+        "decode, inference and encode, exported as OTEL_TRACES_EXPORTER says (console, otlp).",
     )
     fast_path: bool = Field(
         default=True,
@@ -104,6 +135,30 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _key_digests(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for digest in value:
+            digest = digest.strip().lower().removeprefix("sha256:")
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError("api_keys holds sha256 hex digests (64 hex characters), not keys")
+            out.append(digest)
+        return tuple(out)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        from limits import parse  # imported here: the settings module stays light
+
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError(f"rate_limit {value!r}: {exc} (e.g. '100/second')") from None
         return value
 
     @field_validator("admin_token")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models_registry.registry import Registry
+from service.api.access import AccessControl
 from service.api.decode import Limits
 from service.config import Settings
 from service.core.errors import ModelUnavailable, Overloaded
@@ -20,6 +21,7 @@ class Services:
     registry: Registry | None = None
     pool: ModelPool | None = None
     predictor: Predictor | None = None
+    access: AccessControl | None = None
     draining: bool = False
     inflight_bytes: int = 0
 

@@ -27,9 +27,10 @@ STATUS: dict[type[core.ServiceError], int] = {
     core.Unauthorized: 401,
     core.Forbidden: 403,
     core.Conflict: 409,
+    core.RateLimited: 429,
 }
 _REJECTED = (core.Overloaded, core.LimitExceeded, core.ShuttingDown, core.Unauthorized,
-             core.Forbidden)
+             core.Forbidden, core.RateLimited)
 
 
 def from_registry(exc: reg.RegistryError, field: str | None = None) -> core.ServiceError:
@@ -60,10 +61,10 @@ def json_error(status: int, code: str, message: str, field: str | None = None,
 def error_response(exc: core.ServiceError) -> Response:
     status = status_of(exc)
     headers = None
-    if isinstance(exc, core.Overloaded):
+    if isinstance(exc, core.Overloaded | core.RateLimited):
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif isinstance(exc, core.Unauthorized):
-        headers = {"WWW-Authenticate": "Bearer"}
+        headers = {"WWW-Authenticate": "ApiKey" if exc.field == "X-API-Key" else "Bearer"}
     elif isinstance(exc, core.ModelUnavailable | core.ShuttingDown):
         headers = {"Retry-After": "1"}
     if isinstance(exc, _REJECTED):

@@ -169,6 +169,19 @@ class BatchOut(ForecastOut):
 
 class AliasIn(_Doc):
     version: int = Field(ge=1)
+    force: bool = Field(
+        False, description="Promote past the gate (a worse validation MSE than production's "
+        "beyond the tolerance); recorded in the history as forced.",
+    )
+
+
+class GateOut(_Doc):
+    metric: str
+    candidate: float | None
+    current: float | None
+    current_version: int | None
+    tolerance: float
+    passed: bool
 
 
 class AliasOut(_Doc):
@@ -177,6 +190,68 @@ class AliasOut(_Doc):
     version: int
     previous: int | None
     serving: int | None = Field(description="Version this replica serves for the alias now.")
+    forced: bool = False
+    gate: GateOut | None = Field(None, description="The promotion gate's figures (production).")
+
+
+class AliasChangeOut(_Doc):
+    time: str
+    alias: str
+    previous: int | None
+    version: int
+    actor: str
+    forced: bool
+    gate: GateOut | None
+
+
+class HistoryOut(_Doc):
+    name: str
+    changes: list[AliasChangeOut] = Field(description="Every alias change, oldest first.")
+
+
+class ReadyOut(_Doc):
+    name: str
+    ready: bool
+    versions: list[int] = Field(description="Versions of this model loaded on this replica.")
+    default_version: int | None
+
+
+class TensorSpec(_Doc):
+    name: str
+    shape: list[int | str]
+    datatype: str = "FP32"
+
+
+class VersionCard(_Doc):
+    """One version's manifest card (KServe/Triton-style model metadata)."""
+
+    name: str
+    version: int
+    kind: str
+    architecture: str
+    frequency: str | None
+    features: list[str] | str | None = Field(
+        description="The feature columns (or feature mode) the model was trained on."
+    )
+    target: str | None
+    lookback: int
+    horizon: int
+    channels: int | None
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    normalisation: dict[str, Any]
+    dataset: dict[str, Any] | None
+    metrics: dict[str, float]
+    calibration_levels: list[int] | None
+    teachers: list[str] = Field(description="Lineage: the teachers it was distilled from.")
+    members: list[str] | None = Field(description="Ensembles: the member versions.")
+    sha256: str | None
+    opset: int | None
+    parity_max_abs_err: float | None
+    created_at: str | None
+    code_version: str | None
+    aliases: list[str] = Field(description="Aliases pointing at this version.")
+    loaded: bool = Field(description="Loaded on this replica.")
 
 
 class VersionInfo(_Doc):
@@ -220,8 +295,32 @@ class ModelsOut(_Doc):
     models: list[ModelSummary]
 
 
+def forecast_example(model: str | None, lookback: int, channels: int | None,
+                     batch: bool = False) -> dict[str, Any]:
+    """A request "Try it out" can send as is: `lookback` hourly points of a daily cycle."""
+    import math
+
+    def values(shift: float) -> list[float] | list[list[float]]:
+        wave = [round(10 + 3 * math.sin(2 * math.pi * (t + shift) / 24), 3)
+                for t in range(lookback)]
+        if channels is None or channels == 1:
+            return wave
+        return [[v + c for c in range(channels)] for v in wave]
+
+    series: list[dict[str, Any]] = [
+        {"id": "sensor-1", "values": values(0), "start": "2024-01-01T00:00:00", "freq": "h"}
+    ]
+    if batch:
+        series.append({"id": "sensor-2", "values": values(6)})
+    out: dict[str, Any] = {"series": series, "level": [80, 95]}
+    if model is not None:
+        out = {"model": model, **out}
+    return out
+
+
 def body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` documenting a JSON request body the route decodes itself."""
+    """`openapi_extra` documenting a JSON request body the route decodes itself (the example is
+    added when the OpenAPI document is built: `service.app`)."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {
         "requestBody": {

@@ -60,14 +60,24 @@ class Overloaded(ServiceError):
         self.retry_after_s = max(1, int(retry_after_s))
 
 
+class RateLimited(ServiceError):
+    """This client's rate limit is spent: 429 with Retry-After."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
 class Unauthorized(ServiceError):
-    """No bearer token on an admin route (401)."""
+    """No bearer token on an admin route, or no API key on a forecast route (401)."""
 
     code = "unauthorized"
 
 
 class Forbidden(ServiceError):
-    """A bearer token that is not the admin token, or admin disabled (403)."""
+    """A wrong admin token or admin disabled, or an unknown API key (403)."""
 
     code = "forbidden"
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from models_registry.errors import IntegrityError, RegistryError
 from models_registry.errors import ModelNotFound as RegistryModelNotFound
-from models_registry.errors import RegistryError
 from models_registry.manifest import DEFAULT_ALIAS, AliasEvent, Manifest, ModelRef
 from models_registry.registry import Registry
 from service import metrics
@@ -246,14 +246,18 @@ class ModelPool:
             reason = type(exc).__name__
             self.failed[key] = f"{reason}: {exc}"
             metrics.MODEL_LOADS.labels(name, reason).inc()
+            kind = "integrity_refused" if isinstance(exc, IntegrityError) else "load_failed"
             log.error("loading %s@%d failed; the previous version keeps serving: %s",
-                      name, key[1], exc)
+                      name, key[1], exc,
+                      extra={"event": kind, "model": name, "version": key[1], "error": reason})
             raise
         self.failed.pop(key, None)
         self._served[key] = served
         metrics.MODEL_LOADS.labels(name, "ok").inc()
         metrics.MODEL_LOADED.labels(name, str(key[1]), served.kind, served.provider).set(1)
-        log.info("loaded %s (%s, %s)", served.label, served.kind, served.provider)
+        log.info("loaded %s (%s, %s)", served.label, served.kind, served.provider,
+                 extra={"event": "load", "model": name, "version": key[1],
+                        "kind": served.kind, "provider": served.provider})
         return served
 
     # -- keeping in step with the registry -------------------------------------------------------
@@ -323,10 +327,13 @@ class ModelPool:
             new = _NameState(kind, versions, serving, default)
             self._names[name] = new  # the atomic switch
             for alias, version in serving.items():
-                if old is None or old.aliases.get(alias) != version:
+                before = old.aliases.get(alias) if old is not None else None
+                if before != version:
                     if old is not None:
                         metrics.MODEL_SWAPS.labels(name, alias).inc()
-                    log.info("%s@%s now serves version %d", name, alias, version)
+                    log.info("%s@%s now serves version %d (was %s)", name, alias, version,
+                             before, extra={"event": "swap", "model": name, "alias": alias,
+                                            "old_version": before, "new_version": version})
             self._retire_unneeded(name)
 
     def _needed(self, name: str, version: int) -> bool:
@@ -363,7 +370,8 @@ class ModelPool:
         metrics.MODEL_LOADED.labels(
             served.name, str(served.version), served.kind, served.provider
         ).set(0)
-        log.info("released %s", served.label)
+        log.info("released %s", served.label,
+                 extra={"event": "release", "model": served.name, "version": served.version})
 
     async def close(self, timeout: float) -> None:
         """Drain every served version (waiting for in-flight requests up to `timeout`)."""

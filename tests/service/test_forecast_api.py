@@ -157,7 +157,7 @@ BAD: list[tuple[str, dict[str, Any] | bytes, int, str]] = [
     ("level out of range", _with(level=[100]), 422, "level[0]"),
     ("unknown mode", _with(mode="fastest"), 422, "mode"),
     ("unknown model", _with(model="nope"), 404, "model"),
-    ("unknown alias", _with(model=f"{NAME}@staging"), 404, "model"),
+    ("unknown alias", _with(model=f"{NAME}@canary"), 404, "model"),
     ("unknown version", _with(model=f"{NAME}@9"), 404, "model"),
     ("bad model name", _with(model="Bad/Name"), 422, "model"),
     ("empty series", {"model": NAME, "series": []}, 422, "series"),

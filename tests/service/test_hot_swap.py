@@ -53,13 +53,17 @@ def test_promotion_reaches_a_second_replica_through_redis(
         assert forecast(cb).json()["version"] == 1
         r = ca.put(f"/v1/models/{NAME}/aliases/production", json={"version": v2}, headers=AUTH)
         assert r.status_code == 200, r.text
-        assert r.json() == {"name": NAME, "alias": "production", "version": v2, "previous": 1,
-                            "serving": v2}
+        out = r.json()
+        gate = out.pop("gate")
+        assert out == {"name": NAME, "alias": "production", "version": v2, "previous": 1,
+                       "serving": v2, "forced": False}
+        assert gate["passed"] and gate["current_version"] == 1  # equal validation MSE
         assert forecast(ca).json()["version"] == v2
         # Well inside the registry's 10 s resync: this is the pub/sub event.
         out = wait_for(lambda: (j := forecast(cb).json())["version"] == v2 and j, timeout=5)
         assert out["forecasts"][0]["values"][0] == [2.0 * (LOOKBACK - 1)]
-        assert cb.get(f"/v1/models/{NAME}").json()["serving"]["aliases"] == {"production": v2}
+        assert cb.get(f"/v1/models/{NAME}").json()["serving"]["aliases"] == {
+            "production": v2, "staging": v2}
 
 
 def test_hot_swap_keeps_serving_during_a_promotion(
@@ -123,6 +127,7 @@ def test_corrupt_artifact_found_by_the_periodic_refresh(
         fresh_registry: tuple[Path, FilesystemStore]) -> None:
     root, store = fresh_registry
     v2 = register_v2(store)
+    store.set_alias(NAME, "staging", 1)  # so no replica loads v2 before its bytes rot
     with serving(registry_root=root / "registry", alias_refresh_s=0.2) as s, s.client() as c:
         # Another replica promoted v2, then its bytes rotted on disk.
         store.onnx_path(NAME, v2).write_bytes(b"corrupt")

@@ -14,7 +14,9 @@ def test_list_models(client: httpx.Client) -> None:
     models = {m["name"]: m for m in r.json()["models"]}
     assert set(models) == {NAME, f"{NAME}-ensemble", "fixed7"}  # teachers serve as members
     student = models[NAME]
-    assert student["kind"] == "student" and student["aliases"] == {"production": 1}
+    # Registering put version 1 on staging; the fixture promoted it to production.
+    assert student["kind"] == "student"
+    assert student["aliases"] == {"production": 1, "staging": 1}
     assert student["default_version"] == 1 and student["metrics"]["test_mse"] == 0.4
     assert student["loaded"][0]["provider"] == "CPUExecutionProvider"
     ensemble = models[f"{NAME}-ensemble"]
@@ -25,11 +27,11 @@ def test_get_model(client: httpx.Client) -> None:
     r = client.get(f"/v1/models/{NAME}")
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["kind"] == "student" and out["aliases"] == {"production": 1}
+    assert out["kind"] == "student" and out["aliases"] == {"production": 1, "staging": 1}
     v = out["versions"][0]
     assert v["loaded"] and v["provider"] == "CPUExecutionProvider"
     assert v["teachers"] == [f"{NAME}-ensemble@1"] and v["calibration_levels"][0] == 50
-    assert out["serving"] == {"default": 1, "aliases": {"production": 1}}
+    assert out["serving"] == {"default": 1, "aliases": {"production": 1, "staging": 1}}
     # Teachers are not served on their own, but their manifests are visible.
     assert client.get(f"/v1/models/{NAME}-teacher-a").json()["kind"] == "teacher"
     r = client.get("/v1/models/nope")

@@ -25,6 +25,7 @@ from service.api.errors import error_response, json_error
 from service.api.schemas import BatchIn, BatchOut, ErrorOut, ForecastIn, ForecastOut, body_doc
 from service.core.errors import LimitExceeded, MalformedBody, ServiceError, ShuttingDown
 from service.core.types import ForecastRequest
+from service.tracing import span
 
 log = logging.getLogger(__name__)
 
@@ -123,20 +124,26 @@ class ForecastHandlers:
             if services.draining:
                 raise ShuttingDown("the replica is shutting down")
             predictor = services.need_predictor()
+            if services.access is not None:
+                await services.access.check(scope)
             reserved = services.admit(_content_length(scope))
-            body = await read_body(scope, receive, services.settings.max_body_bytes)
-            req = decoder(body, services.limits,
-                          msgpack=_wants_msgpack(scope, b"content-type"))
-            mode = req.mode
-            result = await predictor.forecast(req, partial=partial)
-            mode, model = result.mode, result.model
-            total_ms = (time.perf_counter() - t0) * 1000.0
-            if _wants_msgpack(scope, b"accept"):
-                response = Response(encode.forecast_msgpack(result, total_ms),
-                                    media_type=MSGPACK)
-            else:
-                response = Response(encode.forecast_body(result, total_ms),
-                                    media_type="application/json")
+            with span(route):
+                body = await read_body(scope, receive, services.settings.max_body_bytes)
+                with span("decode"):
+                    req = decoder(body, services.limits,
+                                  msgpack=_wants_msgpack(scope, b"content-type"))
+                mode = req.mode
+                with span("inference"):
+                    result = await predictor.forecast(req, partial=partial)
+                mode, model = result.mode, result.model
+                total_ms = (time.perf_counter() - t0) * 1000.0
+                with span("encode"):
+                    if _wants_msgpack(scope, b"accept"):
+                        response = Response(encode.forecast_msgpack(result, total_ms),
+                                            media_type=MSGPACK)
+                    else:
+                        response = Response(encode.forecast_body(result, total_ms),
+                                            media_type="application/json")
         except ServiceError as exc:
             response = error_response(exc)
             status = response.status_code
