@@ -22,6 +22,7 @@ from tests.strict import missing
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "distilcast.json"
+RULES = REPO / "docker" / "prometheus" / "rules"
 L, H = 96, 24
 
 
@@ -84,8 +85,10 @@ def prometheus(tmp_path: Path, service: str) -> Iterator[str]:
     port = free_port()
     target = service.removeprefix("http://")
     config = tmp_path / "prometheus.yml"
+    # The compose stack's alert rules, loaded as production loads them (rule_files).
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files:\n  - {RULES}/*.yml\n"
         "scrape_configs:\n  - job_name: distilcast\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
@@ -220,3 +223,11 @@ def test_every_dashboard_expression_returns_data(service: str, prometheus: str) 
             break
         time.sleep(1)
     assert counted == total, f"Prometheus counted {counted} forecast requests, {total} were sent"
+    # The alert rules were loaded and every one evaluates against live data without error.
+    groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10.0).json()["data"]["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    assert {r["name"] for r in rules} >= {"DistilcastNoModelLoaded", "DistilcastHighErrorRate"}
+    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+    # A healthy replica with models loaded: the "no model" alert is not even pending.
+    alerts = httpx.get(f"{prometheus}/api/v1/alerts", timeout=10.0).json()["data"]["alerts"]
+    assert not [a for a in alerts if a["labels"]["alertname"] == "DistilcastNoModelLoaded"]
