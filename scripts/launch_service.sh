@@ -10,6 +10,9 @@
 # Prometheus multiprocess mode is always on: every worker writes its metrics under
 # PROMETHEUS_MULTIPROC_DIR (a fresh temporary directory unless given; emptied before start and,
 # when this script created it, removed on exit) and /metrics on any worker reports them all.
+# Logs: JSON lines on stderr for the app and uvicorn (DISTILCAST_LOG_LEVEL, DISTILCAST_LOG_FORMAT);
+# the access log is the service's own, with request ids (DISTILCAST_ACCESS_LOG=true), so
+# uvicorn's plain-text one stays off.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
