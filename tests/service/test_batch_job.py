@@ -332,7 +332,7 @@ def test_missing_input_fails_fast_from_the_command_line(registry: Path, tmp_path
     ("change", "message"),
     [
         ({"--model": "nope"}, "unknown model 'nope'"),
-        ({"--model": f"{NAME}@staging"}, "has no alias 'staging'"),
+        ({"--model": f"{NAME}@canary"}, "has no alias 'canary'"),
         ({"--model": f"{NAME}-ensemble"}, "use --mode accurate"),
         ({"--level": "99.5"}, "level 99.5 is not calibrated"),
         ({"--horizon": str(HORIZON + 1)}, f"forecasts 1..{HORIZON} steps"),
