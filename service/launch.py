@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import socket
 
+from uvicorn import config as uvicorn_config
 from uvicorn.supervisors import Multiprocess
+
+from service.logs import uvicorn_log_config
 
 
 class RefuseWhenStopping(Multiprocess):
@@ -30,6 +34,12 @@ class RefuseWhenStopping(Multiprocess):
 
 
 def main() -> None:
+    # uvicorn's default logging config, replaced in place (its CLI default refers to this dict):
+    # JSON lines from the first line on, the supervisor's included (--log-config still wins).
+    log_format = os.environ.get("DISTILCAST_LOG_FORMAT", "json").lower()
+    level = os.environ.get("DISTILCAST_LOG_LEVEL", "INFO").upper()
+    uvicorn_config.LOGGING_CONFIG.clear()
+    uvicorn_config.LOGGING_CONFIG.update(uvicorn_log_config(log_format, level))
     # `uvicorn.main` the attribute is the click command; the module is what `run()` reads.
     cli = importlib.import_module("uvicorn.main")
     cli.Multiprocess = RefuseWhenStopping  # type: ignore[attr-defined]

@@ -73,3 +73,31 @@ def configure_logging(settings: Settings) -> None:
 def event(kind: str, **fields: Any) -> dict[str, Any]:
     """`extra=` for a structured lifecycle line: `log.info(..., extra=event("swap", ...))`."""
     return {"event": kind, **fields}
+
+
+def uvicorn_log_config(log_format: str = "json", level: str = "INFO") -> dict[str, Any]:
+    """A `logging.config.dictConfig` for uvicorn's own start-up (`service.launch` installs it),
+    so the supervisor's lines, written before any app exists, are JSON too."""
+    formatter: dict[str, Any] = (
+        {"()": "service.logs.json_formatter"} if log_format == "json"
+        else {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": "service.logs.RequestIdFilter"}},
+        "formatters": {"default": formatter},
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "default",
+                "filters": ["request_id"],
+            },
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": level, "propagate": False},
+            "uvicorn.error": {"level": level},
+            "uvicorn.access": {"handlers": ["default"], "level": level, "propagate": False},
+        },
+    }

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+from models_registry.defaults import STAGING_ALIAS
 from models_registry.errors import IntegrityError, RegistryError
 from models_registry.errors import ModelNotFound as RegistryModelNotFound
 from models_registry.manifest import DEFAULT_ALIAS, AliasEvent, Manifest, ModelRef
@@ -28,6 +29,10 @@ from service.core.errors import ModelNotFound, ModelUnavailable
 from service.core.models import ServedModel
 
 log = logging.getLogger(__name__)
+
+# Every registration lands on staging: replicas load it when a request asks for it, not eagerly
+# (no memory for versions nobody calls, no load retried every refresh for a broken one).
+LAZY_ALIASES = frozenset({STAGING_ALIAS})
 
 Key = tuple[str, int]
 ENSEMBLE_SUFFIX = "-ensemble"
@@ -310,13 +315,15 @@ class ModelPool:
                 return
             old = self._names.get(name)
             wanted_default = aliases.get(DEFAULT_ALIAS, versions[-1])
-            for version in sorted({*aliases.values(), wanted_default}):
+            eager = {v for a, v in aliases.items() if a not in LAZY_ALIASES}
+            for version in sorted({*eager, wanted_default}):
                 if (name, version) not in self._served:
                     with contextlib.suppress(Exception):  # counted and logged in _do_load
                         await self._load((name, version))
             serving: dict[str, int] = {}
             for alias, version in aliases.items():
-                if (name, version) in self._served:
+                if alias in LAZY_ALIASES or (name, version) in self._served:
+                    # A lazy alias resolves at once and loads on its first request (`obtain`).
                     serving[alias] = version
                 elif old is not None and alias in old.aliases:
                     serving[alias] = old.aliases[alias]  # keep the old version serving
@@ -328,7 +335,7 @@ class ModelPool:
             self._names[name] = new  # the atomic switch
             for alias, version in serving.items():
                 before = old.aliases.get(alias) if old is not None else None
-                if before != version:
+                if before != version and alias not in LAZY_ALIASES:
                     if old is not None:
                         metrics.MODEL_SWAPS.labels(name, alias).inc()
                     log.info("%s@%s now serves version %d (was %s)", name, alias, version,

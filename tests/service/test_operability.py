@@ -65,7 +65,7 @@ def test_launched_service_logs_json_with_request_ids(tmp_path: Path) -> None:
         "HOST": "127.0.0.1", "PORT": str(port), "PYTHON": sys.executable,
         "DISTILCAST_REGISTRY_ROOT": str(tmp_path / "registry"),
         "DISTILCAST_ADMIN_TOKEN": TOKEN, "DISTILCAST_SHADOW_FRACTION": "0",
-        "DISTILCAST_ACCESS_LOG": "true",
+        "DISTILCAST_ACCESS_LOG": "true", "WORKERS": "2", "DISTILCAST_ALIAS_REFRESH_S": "1",
     })
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as stderr:
@@ -101,8 +101,10 @@ def test_launched_service_logs_json_with_request_ids(tmp_path: Path) -> None:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
 
-    records = _json_lines(log_path.read_text())  # every line, uvicorn's too, is JSON
+    # Every line is JSON: the app's, the workers' uvicorn lines, the supervisor's.
+    records = _json_lines(log_path.read_text())
     assert {"time", "level", "logger", "message", "request_id"} <= set(records[0])
+    assert any("parent process" in r["message"] for r in records)
     promote = [r for r in records if r.get("event") == "promote"]
     assert len(promote) == 1
     assert (promote[0]["old_version"], promote[0]["new_version"]) == (1, v2)
@@ -162,6 +164,30 @@ def test_promotion_gate_over_the_admin_api(fresh_registry: tuple[Path, Filesyste
         assert prod[-1]["actor"] == "api:ops-force"
         assert prod[-1]["gate"]["current_version"] == 1
         assert c.get("/v1/models/nope/history").status_code == 404
+
+
+def test_staging_is_served_on_request_not_loaded_eagerly(
+    fresh_registry: tuple[Path, FilesystemStore],
+) -> None:
+    root, store = fresh_registry
+    v2 = _register(store, test_mse=0.4)  # registration put it on staging
+    with serving(registry_root=root / "registry", alias_refresh_s=0.2) as s, s.client() as c:
+        pool = s.services.pool
+        assert pool.get((NAME, v2)) is None  # not loaded at start
+        body = {"model": f"{NAME}@staging", "series": [{"id": "a", "values": window()}]}
+        r = c.post("/v1/forecast", json=body)
+        assert r.status_code == 200 and r.json()["version"] == v2
+        assert pool.get((NAME, v2)) is not None
+        # A broken registration lands on staging: nothing tries to load it until asked, and
+        # then the request is refused while production keeps serving.
+        broken = store.register(
+            manifest(NAME, "student", LOOKBACK, HORIZON, architecture="broken"), b"not onnx"
+        ).version
+        wait_for(lambda: pool.state(NAME).aliases.get("staging") == broken)
+        assert pool.failed.get((NAME, broken)) is None
+        r = c.post("/v1/forecast", json=body)
+        assert r.status_code == 503 and r.json()["error"]["field"] == "model"
+        assert c.post("/v1/forecast", json={**body, "model": NAME}).json()["version"] == 1
 
 
 def test_version_card_and_model_readiness(client: httpx.Client) -> None:
