@@ -4,10 +4,11 @@ access log is written here too, so it carries the id (uvicorn's own access log c
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,6 +19,15 @@ HEADER = b"x-request-id"
 _ACCEPTED = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 access_log = logging.getLogger("service.access")
+
+# Generated ids: a random 64-bit prefix per process and a counter, 32 hex digits like a UUID.
+# uuid4() costs a getrandom() call per request (~2-10 us here); this costs ~0.3 us.
+_PREFIX = os.urandom(8).hex()
+_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_PREFIX}{next(_COUNTER):016x}"
 
 
 class RequestId:
@@ -32,7 +42,7 @@ class RequestId:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == HEADER), None)
-        rid = given.decode() if given is not None and _ACCEPTED.match(given) else uuid.uuid4().hex
+        rid = given.decode() if given is not None and _ACCEPTED.match(given) else new_request_id()
         token = request_id.set(rid)
         encoded = rid.encode()
         status = 500  # what the client sees if the app fails before answering
