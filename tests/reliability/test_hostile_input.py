@@ -32,8 +32,8 @@ def test_schemathesis_finds_no_server_error(service: ServiceProcess, lengths: Le
     assert not report.not_our_error_shape, report.not_our_error_shape[:5]
     operations = {label.split(" positive")[0].split(" negative")[0]
                   for label in report.by_operation}
-    assert len(operations) == 8, operations  # every route of the schema was exercised
-    assert report.cases >= 8 * lengths.fuzz_examples
+    assert len(operations) == 11, operations  # every route of the schema was exercised
+    assert report.cases >= 11 * lengths.fuzz_examples
 
 
 def test_numeric_core_fuzz_finds_no_server_error(service: ServiceProcess,
