@@ -92,3 +92,15 @@ def test_open_by_default(client: httpx.Client) -> None:
 def test_bad_access_settings_fail_fast(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Settings(**bad)  # type: ignore[arg-type]
+
+
+def test_limiter_fails_open_when_redis_is_away(registry_root: Path) -> None:
+    from tests.models_registry.conftest import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with serving(registry_root=registry_root, redis_url=url, rate_limit="1/minute",
+                 api_keys=(key_digest("k"),)) as s, s.client() as c:
+        # Served (over the limit of 1 too): a Redis outage must not become a full outage.
+        assert [_post(c, "k").status_code for _ in range(3)] == [200, 200, 200]
+        assert _post(c, "wrong").status_code == 403  # keys in the settings still checked
+        assert 'reason="rate_limiter_down"' in c.get("/metrics").text
