@@ -205,6 +205,10 @@ def train_epoch(
     """One epoch: set each group's scheduled lr, shuffle (and cap) the batches, optimise."""
     for pg, group in zip(optim.param_groups, groups, strict=True):
         pg["lr"] = group_lr(cfg, group, epoch)
+        # One multi-tensor update per group instead of a Python loop over parameters (the CPU
+        # default): the same arithmetic, bit for bit, and 5x faster on the student's 3M
+        # parameters (bench/train_speed.py). Set here so that resumed optimisers get it too.
+        pg["foreach"] = True
     params = [p for g in groups for p in g.params]
     batches = train.batches(cfg.batch_size, shuffle=True, generator=generator)
     if cfg.max_train_batches:
