@@ -134,7 +134,9 @@ def self_attention(attn: nn.MultiheadAttention, x: Tensor) -> Tensor:
     heads = attn.num_heads
     hd = d // heads
     proj = F.linear(x.transpose(1, 0), attn.in_proj_weight, attn.in_proj_bias)  # [T, N, 3D]
-    proj = proj.unflatten(-1, (3, d)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+    proj = (
+        proj.view(t, n, 3, d).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+    )  # [3, T, N, D]
     q, k, v = (
         p.view(t, n * heads, hd).transpose(0, 1).contiguous().view(n, heads, t, hd) for p in proj
     )  # [N, h, T, hd] each
