@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,11 @@ def count_params(model: nn.Module) -> int:
 def predict(model: nn.Module, windows: WindowSet, batch_size: int = 512) -> tuple[Tensor, Tensor]:
     """Forecasts and targets for every window of a split, in order: ``[N, H, C]`` each."""
     model.eval()
+    device = next(model.parameters()).device  # a model on a GPU (a Ray worker's) forecasts there
     preds, trues = [], []
     for index in windows.batches(batch_size):
         x, y = windows.batch(index)
-        preds.append(model(x))
+        preds.append(model(x.to(device)).cpu())
         trues.append(y)
     return torch.cat(preds), torch.cat(trues)
 
@@ -119,6 +121,7 @@ def fit(
     run_info: dict[str, Any] | None = None,
     resume: bool = False,
     desc: str = "train",
+    after_epoch: Callable[[LoopResult], None] | None = None,
 ) -> FitResult:
     """Train ``model`` with early stopping on validation MSE; restore and score the best epoch.
 
@@ -128,7 +131,8 @@ def fit(
     (``encoder_lr_scale``, ``head_warmup_epochs``). ``loss_fn(x, y) -> (loss, parts)`` replaces
     the plain MSE. ``out_dir`` receives ``best.safetensors`` (the model's weights at the best
     validation MSE), ``last.pt`` (everything needed to resume) and ``run.json`` (config, history,
-    metrics).
+    metrics). ``after_epoch(result)`` runs after each epoch's checkpoint and ``run.json``
+    (``training.distributed`` reports them to Ray Train there).
     """
     trainable = trainable if trainable is not None else model
     mse = nn.MSELoss()
@@ -137,6 +141,8 @@ def fit(
 
     def write(res: LoopResult) -> None:
         _write_run(out_dir, run_info, cfg, res, None)
+        if after_epoch is not None:
+            after_epoch(res)
 
     res = run_loop(
         module=trainable,
