@@ -1,0 +1,99 @@
+"""``--workers``: the train run under Ray Train (2 local CPU workers, DDP over gloo)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from training.checkpoints import load_forecaster
+from training.config import build_run_config
+from training.data import WindowSet, prepare
+from training.distributed import DistributedConfig, ShardedWindows, run_distributed
+from training.engine import evaluate
+from training.models import build_model
+
+L, H = 48, 12
+
+
+def test_shards_are_disjoint_equal_and_cover_every_window() -> None:
+    windows = WindowSet(np.zeros((107, 2), dtype=np.float32), 24, 6, 0)  # 78 windows
+    shards = [ShardedWindows(windows, rank, 3) for rank in range(3)]
+    batches = [
+        s.batches(16, shuffle=True, generator=torch.Generator().manual_seed(5)) for s in shards
+    ]
+    # Same number and sizes of batches everywhere (DDP steps together), ceil(16 / 3) windows each.
+    assert len({tuple(len(b) for b in per) for per in batches}) == 1
+    assert max(len(b) for b in batches[0]) == 6
+    taken = [torch.cat(per) for per in batches]
+    assert sorted(torch.cat(taken).tolist()) == list(range(78))  # 78 = 3 x 26: no padding
+    single = windows.batches(16, shuffle=True, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.cat(single)[0::3], taken[0])  # the single-process order, strided
+    with pytest.raises(ValueError, match="rank 3"):
+        ShardedWindows(windows, 3, 3)
+
+
+def test_shards_pad_by_wrapping_when_uneven() -> None:
+    windows = WindowSet(np.zeros((40, 1), dtype=np.float32), 8, 2, 0)  # 31 windows
+    taken = [torch.cat(ShardedWindows(windows, r, 2).batches(8)) for r in range(2)]
+    assert len(taken[0]) == len(taken[1]) == 16
+    assert set(torch.cat(taken).tolist()) == set(range(31))
+
+
+@pytest.fixture()
+def ray_local() -> Iterator[None]:
+    ray = pytest.importorskip("ray")  # the batch extra (CI installs it) brings ray[train]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_two_workers_train_and_the_checkpoint_loads_in_one_process(
+    tmp_path: Path, ray_local: None
+) -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(400)
+    cols = {
+        f"c{i}": np.sin(2 * np.pi * t / (12 + 5 * i)) + 0.1 * rng.normal(size=len(t))
+        for i in range(3)
+    }
+    csv = tmp_path / "series.csv"
+    pd.DataFrame({"date": pd.date_range("2024-01-01", periods=len(t), freq="h"), **cols}).to_csv(
+        csv, index=False
+    )
+    cfg = build_run_config(
+        "patchtst",
+        data={"dataset": str(csv), "lookback": L, "horizon": H},
+        train={"epochs": 2, "batch_size": 16, "lr": 0.003, "progress": False, "threads": 1},
+        model_settings={"d_model": 8, "n_heads": 2, "d_ff": 16, "n_layers": 1},
+        out_dir=str(tmp_path / "run"),
+    )
+    result = run_distributed(cfg, DistributedConfig(workers=2))
+
+    out = tmp_path / "run"
+    doc = json.loads((out / "run.json").read_text())
+    assert doc["workers"] == 2 and doc["finished"] and result.finished
+    losses = [row["train_loss"] for row in doc["history"]]
+    vals = [row["val_mse"] for row in doc["history"]]
+    assert len(losses) == 2 and losses[1] < losses[0] and vals[1] < vals[0]
+    # Ray's checkpoints were written, and the run folder holds the newest one.
+    assert sorted((out / "ray" / "run").glob("checkpoint_*"))
+
+    # The checkpoint loads into the single-process model and scores what the run recorded.
+    model, run = load_forecaster(out)
+    data = prepare(cfg.data)
+    assert evaluate(model, data.splits["val"], data.scaler)["mse"] == pytest.approx(
+        doc["val"]["mse"], rel=1e-5
+    )
+    last = torch.load(out / "last.pt", weights_only=True)
+    plain: nn.Module = build_model("patchtst", **run["model_config"])
+    plain.load_state_dict(last["module"])  # strict: no DDP "module." prefixes
+    assert last["epoch"] == 2
