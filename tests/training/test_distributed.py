@@ -12,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from tests.strict import require_module
 from training.checkpoints import load_forecaster
-from training.config import build_run_config
+from training.config import RunConfig, build_run_config
 from training.data import WindowSet, prepare
 from training.distributed import DistributedConfig, ShardedWindows, run_distributed
 from training.engine import evaluate
@@ -46,9 +47,10 @@ def test_shards_pad_by_wrapping_when_uneven() -> None:
     assert set(torch.cat(taken).tolist()) == set(range(31))
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    ray = pytest.importorskip("ray")  # the batch extra (CI installs it) brings ray[train]
+    ray = require_module("ray")  # the batch extra (CI installs it) brings ray[train]
+    require_module("ray.train.torch")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
@@ -56,31 +58,37 @@ def ray_local() -> Iterator[None]:
         ray.shutdown()
 
 
-def test_two_workers_train_and_the_checkpoint_loads_in_one_process(
-    tmp_path: Path, ray_local: None
-) -> None:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+    """A straight 2-worker run of 2 epochs in ``runs/run``."""
+    root = tmp_path_factory.mktemp("distributed")
     rng = np.random.default_rng(0)
     t = np.arange(400)
     cols = {
         f"c{i}": np.sin(2 * np.pi * t / (12 + 5 * i)) + 0.1 * rng.normal(size=len(t))
         for i in range(3)
     }
-    csv = tmp_path / "series.csv"
     pd.DataFrame({"date": pd.date_range("2024-01-01", periods=len(t), freq="h"), **cols}).to_csv(
-        csv, index=False
+        root / "series.csv", index=False
     )
-    cfg = build_run_config(
-        "patchtst",
-        data={"dataset": str(csv), "lookback": L, "horizon": H},
-        train={"epochs": 2, "batch_size": 16, "lr": 0.003, "progress": False, "threads": 1},
-        model_settings={"d_model": 8, "n_heads": 2, "d_ff": 16, "n_layers": 1},
-        out_dir=str(tmp_path / "run"),
-    )
-    result = run_distributed(cfg, DistributedConfig(workers=2))
+    run_distributed(config(root, "run"), DistributedConfig(workers=2))
+    return root
 
-    out = tmp_path / "run"
+
+def config(root: Path, out: str, **train: int) -> RunConfig:
+    return build_run_config(
+        "patchtst",
+        data={"dataset": str(root / "series.csv"), "lookback": L, "horizon": H},
+        train={"epochs": 2, "batch_size": 16, "lr": 0.003, "progress": False, "threads": 1} | train,
+        model_settings={"d_model": 8, "n_heads": 2, "d_ff": 16, "n_layers": 1},
+        out_dir=str(root / out),
+    )
+
+
+def test_two_workers_train_and_the_checkpoint_loads_in_one_process(runs: Path) -> None:
+    out = runs / "run"
     doc = json.loads((out / "run.json").read_text())
-    assert doc["workers"] == 2 and doc["finished"] and result.finished
+    assert doc["workers"] == 2 and doc["finished"]
     losses = [row["train_loss"] for row in doc["history"]]
     vals = [row["val_mse"] for row in doc["history"]]
     assert len(losses) == 2 and losses[1] < losses[0] and vals[1] < vals[0]
@@ -89,7 +97,7 @@ def test_two_workers_train_and_the_checkpoint_loads_in_one_process(
 
     # The checkpoint loads into the single-process model and scores what the run recorded.
     model, run = load_forecaster(out)
-    data = prepare(cfg.data)
+    data = prepare(config(runs, "run").data)
     assert evaluate(model, data.splits["val"], data.scaler)["mse"] == pytest.approx(
         doc["val"]["mse"], rel=1e-5
     )
@@ -97,3 +105,16 @@ def test_two_workers_train_and_the_checkpoint_loads_in_one_process(
     plain: nn.Module = build_model("patchtst", **run["model_config"])
     plain.load_state_dict(last["module"])  # strict: no DDP "module." prefixes
     assert last["epoch"] == 2
+
+
+def test_a_stopped_run_resumes_from_rays_checkpoint_exactly(runs: Path) -> None:
+    stopped = run_distributed(
+        config(runs, "stopped", stop_after_epochs=1), DistributedConfig(workers=2)
+    )
+    assert not stopped.finished and stopped.epochs_run == 1
+    resumed = run_distributed(config(runs, "stopped"), DistributedConfig(workers=2), resume=True)
+    assert resumed.finished and [row["epoch"] for row in resumed.history] == [1, 2]
+    straight = torch.load(runs / "run" / "last.pt", weights_only=True)["module"]
+    again = torch.load(runs / "stopped" / "last.pt", weights_only=True)["module"]
+    assert set(again) == set(straight)
+    assert all(torch.equal(again[k], straight[k]) for k in again)
