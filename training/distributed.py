@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from training.config import RunConfig
 from training.data import PreparedData, WindowSet, prepare
@@ -129,6 +130,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     )
     device = ray.train.torch.get_device()
     replica = ray.train.torch.prepare_model(model)  # on the device; DDP when world > 1
+    if world > 1 and not isinstance(replica, DistributedDataParallel):
+        raise RuntimeError(f"worker {rank}: Ray did not wrap the model in DDP ({type(replica)})")
     train = ShardedWindows(data.splits["train"], rank, world)
     shard = replace(data, splits={**data.splits, "train": train})
 
