@@ -192,8 +192,22 @@ def _clear_storage(storage: str, name: str) -> None:
     filesystem.delete_dir_contents(f"{root.rstrip('/')}/{name}", missing_dir_ok=True)
 
 
-def run_distributed(cfg: RunConfig, dist: DistributedConfig, resume: bool = False) -> FitResult:
-    """Train ``cfg`` (the ``train`` command's run) on ``dist.workers`` Ray Train workers.
+def run_distributed(
+    cfg: RunConfig,
+    workers: int = 2,
+    address: str | None = None,
+    resume: bool = False,
+    *,
+    use_gpu: bool = False,
+    cpus_per_worker: int = 1,
+    storage: str | None = None,
+    max_failures: int = 0,
+) -> FitResult:
+    """Train ``cfg`` (the ``train`` command's run) on ``workers`` Ray Train workers.
+
+    The settings are those of :class:`DistributedConfig` (checked there): ``address`` ``None``
+    (a private local Ray), ``"auto"`` or ``"ray://HOST:10001"``; ``storage`` for Ray's
+    checkpoints (default ``<out>/ray``); ``max_failures`` worker restarts Ray may make.
 
     Writes the single-process run folder to ``cfg.resolved_out_dir()`` (``best.safetensors``,
     ``last.pt``, ``run.json`` with ``"workers"``) and returns its ``FitResult``. Without
@@ -205,6 +219,7 @@ def run_distributed(cfg: RunConfig, dist: DistributedConfig, resume: bool = Fals
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    dist = DistributedConfig(workers, address, use_gpu, cpus_per_worker, storage, max_failures)
     out_dir = cfg.resolved_out_dir().resolve()
     storage = dist.storage or str(out_dir / "ray")
     name = out_dir.name

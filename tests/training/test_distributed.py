@@ -71,7 +71,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
     pd.DataFrame({"date": pd.date_range("2024-01-01", periods=len(t), freq="h"), **cols}).to_csv(
         root / "series.csv", index=False
     )
-    run_distributed(config(root, "run"), DistributedConfig(workers=2))
+    run_distributed(config(root, "run"), workers=2)
     return root
 
 
@@ -108,13 +108,20 @@ def test_two_workers_train_and_the_checkpoint_loads_in_one_process(runs: Path) -
 
 
 def test_a_stopped_run_resumes_from_rays_checkpoint_exactly(runs: Path) -> None:
-    stopped = run_distributed(
-        config(runs, "stopped", stop_after_epochs=1), DistributedConfig(workers=2)
-    )
+    stopped = run_distributed(config(runs, "stopped", stop_after_epochs=1), workers=2)
     assert not stopped.finished and stopped.epochs_run == 1
-    resumed = run_distributed(config(runs, "stopped"), DistributedConfig(workers=2), resume=True)
+    resumed = run_distributed(config(runs, "stopped"), workers=2, resume=True)
     assert resumed.finished and [row["epoch"] for row in resumed.history] == [1, 2]
     straight = torch.load(runs / "run" / "last.pt", weights_only=True)["module"]
     again = torch.load(runs / "stopped" / "last.pt", weights_only=True)["module"]
     assert set(again) == set(straight)
     assert all(torch.equal(again[k], straight[k]) for k in again)
+
+
+def test_bad_settings_are_refused_naming_them() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        DistributedConfig(workers=0)
+    with pytest.raises(ValueError, match="cpus_per_worker"):
+        DistributedConfig(cpus_per_worker=0)
+    with pytest.raises(ValueError, match="max_failures"):
+        DistributedConfig(max_failures=-2)
