@@ -122,6 +122,7 @@ def fit(
     resume: bool = False,
     desc: str = "train",
     after_epoch: Callable[[LoopResult], None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> FitResult:
     """Train ``model`` with early stopping on validation MSE; restore and score the best epoch.
 
@@ -132,7 +133,8 @@ def fit(
     the plain MSE. ``out_dir`` receives ``best.safetensors`` (the model's weights at the best
     validation MSE), ``last.pt`` (everything needed to resume) and ``run.json`` (config, history,
     metrics). ``after_epoch(result)`` runs after each epoch's checkpoint and ``run.json``
-    (``training.distributed`` reports them to Ray Train there).
+    (``training.distributed`` reports them to Ray Train there), ``after_step()`` after each
+    optimiser step.
     """
     trainable = trainable if trainable is not None else model
     mse = nn.MSELoss()
@@ -154,6 +156,7 @@ def fit(
         validate=lambda: evaluate(model, val, data.scaler, cfg.eval_batch_size)["mse"],
         best_weights=model.state_dict,
         best_file=BEST_FILE,
+        after_step=after_step,
         after_epoch=write,
         resume=resume,
         desc=desc,
