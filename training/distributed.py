@@ -113,6 +113,49 @@ class ShardedWindows(WindowSet):
         return list(self.shard(order).split(math.ceil(batch_size / self.world)))
 
 
+def _batchnorm_stats(model: nn.Module) -> list[Tensor]:
+    """The running statistics of ``model``'s BatchNorm layers (each worker updates its own)."""
+    return [
+        buf
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for buf in (module.running_mean, module.running_var)
+        if buf is not None
+    ]
+
+
+@torch.no_grad()
+def _average(stats: list[Tensor], world: int) -> None:
+    """Average BatchNorm running statistics over the workers after each optimiser step.
+
+    DDP averages gradients, so the weights stay identical, but each worker's forward updates its
+    BatchNorm statistics from its own shard (DDP only broadcasts worker 0's before the next
+    forward): without this, the replicas would score validation differently after the last step
+    and could disagree about early stopping. (``SyncBatchNorm`` needs CUDA.)
+    """
+    if world < 2 or not stats:
+        return
+    flat = torch.cat([s.reshape(-1) for s in stats])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for s in stats:
+        s.copy_(flat[offset : offset + s.numel()].view_as(s))
+        offset += s.numel()
+
+
+def _check_agreement(val: float, world: int, device: torch.device) -> None:
+    """Fail on every worker at once (not hang at the next step) if the replicas diverged."""
+    if world < 2:
+        return
+    mine = torch.tensor([val], dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(every, mine)
+    values = [float(v) for v in every]
+    if len(set(values)) > 1:
+        raise RuntimeError(f"workers' validation values differ ({values}): the replicas diverged")
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: the ``train`` run on this worker's shard, model under DDP."""
     import ray
@@ -143,6 +186,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         log.info("worker %d: continuing from Ray checkpoint %s", rank, checkpoint.path)
 
     mse = nn.MSELoss()
+    stats = _batchnorm_stats(model)
 
     def step(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return mse(replica(x.to(device)), y.to(device)), {}
@@ -154,6 +198,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     def after_epoch(res: LoopResult) -> None:
         row = res.history[-1]
+        _check_agreement(float(row["val_mse"]), world, device)
         report(
             {
                 "epoch": res.epochs_run,
@@ -175,6 +220,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             resume=checkpoint is not None,
             desc=f"{cfg.model} worker {rank}/{world}",
             after_epoch=after_epoch,
+            after_step=lambda: _average(stats, world),
         )
         # The final folder (run.json with val/test scores of the best epoch) as the last checkpoint.
         report({**result.summary(), "epoch": result.epochs_run})
