@@ -31,7 +31,7 @@ ENSEMBLE = ("simmtm", "himtm", "dmae")
 SINGLE = ("simmtm", "himtm", "dmae", "patchtst")
 ABLATIONS: dict[str, dict[str, bool]] = {
     "": {},
-    "-no-features": {"features": False},
+    "-no-features": {"feature_terms": False},
     "-no-period": {"period": False},
     "-no-scale": {"scale": False},
 }

@@ -41,7 +41,7 @@ class DatasetInfo:
     freq: str
     split: SplitRule
     target: str = "OT"
-    date_column: str = "date"
+    date_column: str | None = "date"  # None: detected (see ``find_time_column``)
 
 
 CATALOGUE: dict[str, DatasetInfo] = {
@@ -82,7 +82,7 @@ def resolve_dataset(dataset: str, data_dir: str | Path | None = None) -> tuple[D
         return info, root / info.file
     path = Path(dataset)
     if path.suffix in {".csv", ".gz"} or path.exists():
-        return DatasetInfo(dataset_stem(dataset), path.name, "", "ratio"), path
+        return DatasetInfo(dataset_stem(dataset), path.name, "", "ratio", date_column=None), path
     known = ", ".join(sorted({i.name for i in CATALOGUE.values()}))
     raise DataError(
         f"unknown dataset {dataset!r}: use one of {known} or a path to a .csv/.csv.gz file"
@@ -99,8 +99,27 @@ class Frame:
     columns: tuple[str, ...]
 
 
-def load_frame(path: Path, date_column: str = "date") -> Frame:
-    """Read a CSV or CSV.gz and refuse anything the models cannot use, naming file, column, row."""
+def find_time_column(df: pd.DataFrame, path: Path) -> str:
+    """``date`` when there is one, else the first column whose every cell is a timestamp (and
+    not just a number); the error names the columns when none is."""
+    if "date" in df.columns:
+        return "date"
+    for col in df.columns:
+        cells = df[col].str.strip()
+        if pd.to_numeric(cells, errors="coerce").notna().all():
+            continue  # numbers parse as epoch timestamps; they are values here
+        if pd.to_datetime(cells, errors="coerce", format="mixed").notna().all():
+            return str(col)
+    raise DataError(
+        f"{path}: no timestamp column: none of {list(df.columns)} parses as dates and times; "
+        "add one or name it with --date-column"
+    )
+
+
+def load_frame(path: Path, date_column: str | None = "date") -> Frame:
+    """Read a CSV or CSV.gz and refuse anything the models cannot use, naming file, column, row.
+
+    ``date_column=None`` detects the timestamp column (:func:`find_time_column`)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -109,6 +128,8 @@ def load_frame(path: Path, date_column: str = "date") -> Frame:
         raise DataError(f"{path}: cannot read as CSV: {exc}") from exc
     if df.empty:
         raise DataError(f"{path}: no data rows")
+    if date_column is None:
+        date_column = find_time_column(df, path)
     if date_column not in df.columns:
         raise DataError(f"{path}: no date column {date_column!r} (columns: {list(df.columns)})")
 

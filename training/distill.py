@@ -62,7 +62,6 @@ brackets as a report only:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -183,7 +182,7 @@ class DistillConfig:
     temperature: float = 0.5
     scales: int = 4
     pool_kernel: int = 2
-    features: bool = True  # the beta terms
+    feature_terms: bool = True  # the beta terms
     period: bool = True  # the KL_period terms
     scale: bool = True  # the multi-scale MSE terms
     weighting: Weighting = "mean"
@@ -208,7 +207,7 @@ class DistillConfig:
         default = DATASET_DEFAULTS.get(dataset.lower(), FALLBACK_ALPHA_BETA)
         alpha = default[0] if self.alpha is None else self.alpha
         beta = default[1] if self.beta is None else self.beta
-        return alpha, beta if self.features else 0.0
+        return alpha, beta if self.feature_terms else 0.0
 
     def student_name(self, teacher_names: Sequence[str]) -> str:
         """``student-<teacher>`` or ``student-ensemble``, with ablation suffixes."""
@@ -216,7 +215,7 @@ class DistillConfig:
         off = [
             n
             for n, on in (
-                ("features", self.features),
+                ("features", self.feature_terms),
                 ("period", self.period),
                 ("scale", self.scale),
             )
@@ -696,103 +695,6 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
         run_info["params"],
         teacher_seconds,
     )
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_cli(subparsers: Any) -> None:
-    from training.__main__ import add_data_args, add_train_args
-
-    p = subparsers.add_parser(
-        "distill",
-        help="TimeDistill: train the MLP student against frozen teacher(s)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_data_args(p)
-    add_train_args(p)
-    p.add_argument(
-        "--teachers",
-        default=None,
-        help="comma list of teacher names (resolved to <teacher-dir>/<dataset>-<name>-L<Lt>-H<h>) "
-        "or run folders; several = ensemble (default simmtm,himtm,dmae)",
-    )
-    p.add_argument(
-        "--teacher-dir",
-        default=None,
-        help="where named teachers live (runs, where finetune writes)",
-    )
-    p.add_argument("--teacher-lookback", type=int, default=None, help="Lt in teacher names (336)")
-    p.add_argument("--alpha", type=float, default=None, help="prediction terms (dataset default)")
-    p.add_argument("--beta", type=float, default=None, help="feature terms (dataset default)")
-    p.add_argument("--no-features", action="store_true", help="ablation: no feature terms")
-    p.add_argument("--no-period", action="store_true", help="ablation: no multi-period terms")
-    p.add_argument("--no-scale", action="store_true", help="ablation: no multi-scale terms")
-    p.add_argument(
-        "--weighting",
-        choices=["mean", "val-weighted"],
-        default=None,
-        help="ensemble target: plain mean (served) or weights 1/val MSE",
-    )
-    p.add_argument("--no-cache", action="store_true", help="recompute teacher features per batch")
-    p.add_argument(
-        "--fft-norm",
-        choices=["ortho", "backward", "forward"],
-        default=None,
-        help="rFFT normalisation in the period terms (ortho)",
-    )
-    p.add_argument(
-        "--feature-norm",
-        choices=["standardize", "none"],
-        default=None,
-        help="standardise features per row before the feature terms (standardize)",
-    )
-    p.set_defaults(handler=cmd_distill)
-
-
-def distill_overrides(a: argparse.Namespace) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    if a.teachers:
-        values["teachers"] = tuple(s.strip() for s in a.teachers.split(",") if s.strip())
-    keys = (
-        "teacher_dir",
-        "teacher_lookback",
-        "alpha",
-        "beta",
-        "weighting",
-        "fft_norm",
-        "feature_norm",
-    )
-    for key in keys:
-        if getattr(a, key) is not None:
-            values[key] = getattr(a, key)
-    for flag, key in (
-        ("no_features", "features"),
-        ("no_period", "period"),
-        ("no_scale", "scale"),
-        ("no_cache", "cache"),
-    ):
-        if getattr(a, flag):
-            values[key] = False
-    return values
-
-
-def cmd_distill(a: argparse.Namespace) -> dict[str, Any]:
-    from training.__main__ import data_overrides, train_overrides
-
-    cfg = build_distill_config(
-        a.config, data_overrides(a), train_overrides(a), distill_overrides(a), out_dir=a.out
-    )
-    result = run_distill(cfg)
-    d = cfg.run.data
-    return {
-        "dataset": d.dataset,
-        "lookback": d.lookback,
-        "horizon": d.horizon,
-        **result.summary(),
-        "checkpoint": str(result.fit.out_dir / "best.safetensors"),
-    }
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Export trained forecasters to ONNX, check them against torch, and register them with a manifest.
+"""Export trained forecasters to ONNX and check them against torch (nothing is registered here).
 
 The graph contract (docs/contracts.md): input ``x: float32[batch, L, channels]`` and output
 ``y: float32[batch, H, channels]``, both in RAW units, so the service never needs the training
@@ -13,60 +13,47 @@ axis symbolically; the dynamo exporter handles both models with the exact axes o
 Opset 18 is the dynamo exporter's native opset (asking for 17 goes through a version converter
 that fails on these graphs and silently leaves 18), and onnxruntime >= 1.14 runs it.
 
-Every export is checked: onnxruntime and torch forecast the same real test windows in raw units
-(the full batch, a batch of one, and for channel-independent graphs one channel and twice the
-channels); the largest difference divided by each channel's train std must be <= 1e-4 or the
-model is refused (``ParityError``). The figure goes into the manifest as ``parity_max_abs_err``.
+Every export is checked (:func:`check_parity`): onnxruntime and torch forecast the same real test
+windows (the full batch, a batch of one, and for channel-independent graphs one channel and twice
+the channels), compared where the model computes, in its normalised space, against a tolerance
+derived from float32 error growth (:func:`parity_tolerance`). A graph above it is refused
+(``ParityError``); the figure goes into the manifest as ``parity_max_abs_err``. Manifests,
+calibration and metrics are in ``training.manifests``; registration in ``training.publish``.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import io
 import logging
 import math
 import os
-import subprocess
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from functools import lru_cache
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from models_registry.errors import RegistryError
-from models_registry.manifest import AliasEvent, Manifest, ModelRef
-from models_registry.manifest import DatasetInfo as ManifestDataset
-from models_registry.registry import open_registry
-from models_registry.store import FilesystemStore
-from training.checkpoints import load_forecaster
-from training.data import DataConfig, PreparedData, infer_step, prepare
-from training.engine import metrics as split_metrics
-from training.models import MODELS
+from training.data import PreparedData
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "x", "y"
-PARITY_TOLERANCE = 1e-4
-"""Max |onnx - torch| / train std of the channel (the z-scored scale) a graph may show."""
 PARITY_WINDOWS = 512
-CALIBRATION_LEVELS = tuple(range(50, 100))
 WINDOW_STD_EPS = 1e-5
 """The contract's window scale s = sqrt(var + 1e-5): RevIN's statistic, and the service's."""
-REGISTRY_ENV, REDIS_ENV = "DISTILCAST_REGISTRY_ROOT", "DISTILCAST_REDIS_URL"
-DEFAULT_REGISTRY = "./var/registry"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
+PARITY_SAFETY = 16.0
+"""Two float32 implementations each carry the rounding below, in different orders and fusions;
+16x the one-sided estimate accepts their honest disagreement (ETTh1: 2e-6 to 2e-5 against
+tolerances of ~3e-4) while a wrong graph (a weight off by 0.05) is off by more than 1e-2."""
 
 ForecastFn = Callable[[Tensor], Tensor]
 """Raw windows ``[B, L, C]`` -> raw forecasts ``[B, H, C]``."""
@@ -85,14 +72,9 @@ class ParityError(ExportError):
         self.checks = checks
         detail = ", ".join(f"{k}: {v:.3g}" for k, v in checks.items())
         super().__init__(
-            f"{what}: ONNX parity check failed: max |onnx - torch| / train std = "
+            f"{what}: ONNX parity check failed: max |onnx - torch| in the normalised space = "
             f"{max_abs_err:.3g} > {tolerance:g} ({detail}); refusing to register it"
         )
-
-
-def registry_root(path: str | os.PathLike[str] | None = None) -> Path:
-    """``path``, else ``$DISTILCAST_REGISTRY_ROOT``, else ``./var/registry``."""
-    return Path(path or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY)
 
 
 # -- the served graph --------------------------------------------------------------------------
@@ -318,6 +300,42 @@ def raw_windows(data: PreparedData, split: str = "test", n: int | None = PARITY_
     return data.scaler.inverse(x)  # type: ignore[return-value]
 
 
+def graph_depth(module: nn.Module) -> tuple[int, int]:
+    """``(layers, longest reduction)``: weighted layers of the graph and the longest sum any
+    of them (or the look-back) computes; the inputs of :func:`parity_tolerance`."""
+    layers, longest = 0, int(getattr(module, "lookback", 0) or 0)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            layers, longest = layers + 1, max(longest, m.in_features)
+        elif isinstance(m, nn.Conv1d):
+            fan_in = m.in_channels * int(m.kernel_size[0])
+            layers, longest = layers + 1, max(longest, fan_in)
+    return max(layers, 1), max(longest, 1)
+
+
+def parity_tolerance(layers: int, longest: int, conditioning: float) -> float:
+    """Largest honest float32 disagreement, in the model's normalised space.
+
+    ``PARITY_SAFETY * eps32 * (conditioning + layers * sqrt(longest))``:
+
+    * ``conditioning`` = max |x| / s over the checked inputs (s: the normalising scale, see
+      :func:`check_parity`): normalising ``x`` in float32 loses ``eps * |x|``, which is
+      ``eps * |x| / s`` in the normalised space (large for channels whose level dwarfs their
+      spread, e.g. a meter reading of 1e4 that moves by 1);
+    * ``layers * sqrt(longest)``: a float32 sum of ``n`` terms carries a rounding error of about
+      ``eps * sqrt(n)`` of its scale (random rounding), and each weighted layer adds its own.
+    """
+    return PARITY_SAFETY * FLOAT32_EPS * (max(conditioning, 1.0) + layers * math.sqrt(longest))
+
+
+def _normalising_scale(x: Tensor, std: Tensor, instance: bool) -> Tensor:
+    """``[B, 1, C]`` (instance) or ``[1, 1, C]`` (train scaler) float64 scale of ``x``."""
+    if instance:
+        var = x.double().var(dim=1, unbiased=False, keepdim=True)  # [B, 1, C]
+        return torch.sqrt(var + WINDOW_STD_EPS)
+    return std
+
+
 def check_parity(
     onnx_bytes: bytes,
     module: nn.Module,
@@ -325,20 +343,28 @@ def check_parity(
     std: np.ndarray,
     *,
     dynamic_channels: bool,
-    tolerance: float = PARITY_TOLERANCE,
+    instance_scaled: bool = True,
+    tolerance: float | None = None,
     what: str = "model",
     batch_size: int = 256,
 ) -> ParityReport:
-    """Compare onnxruntime with torch on raw windows; raise ``ParityError`` above ``tolerance``.
+    """Compare onnxruntime with torch on raw windows; raise ``ParityError`` above the tolerance.
 
-    Errors are divided by each channel's train ``std`` (so they read on the z-scored scale, where
-    the metrics live). Besides the full set of windows, a batch of one checks the dynamic batch
-    axis and, for channel-independent graphs, one channel and twice the channels check the
-    dynamic channel axis.
+    Differences are read where the model computes: divided by each window's own scale
+    ``sqrt(var + 1e-5)`` per channel for scale-equivariant graphs (``instance_scaled``: RevIN's
+    statistic), else by the channel's train ``std`` (the z-scored space of the wrapped model).
+    ``tolerance`` defaults to :func:`parity_tolerance` of this graph and these windows. Besides
+    the full set of windows, a batch of one checks the dynamic batch axis and, for
+    channel-independent graphs, one channel and twice the channels check the channel axis.
     """
     session = onnx_session(onnx_bytes)
     module.eval()
-    scale = torch.as_tensor(std, dtype=torch.float64).reshape(1, 1, -1)
+    train_std = torch.as_tensor(std, dtype=torch.float64).reshape(1, 1, -1)
+    conditioning = float(
+        (x_raw.double().abs() / _normalising_scale(x_raw, train_std, instance_scaled)).max()
+    )
+    if tolerance is None:
+        tolerance = parity_tolerance(*graph_depth(module), conditioning)
 
     def worst(x: Tensor, sd: Tensor) -> float:
         errs = []
@@ -349,22 +375,29 @@ def check_parity(
             (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: xb.numpy()})
             if got.shape != tuple(ref.shape):
                 return math.inf
-            diff = (torch.from_numpy(got).double() - ref).abs() / sd
+            scale = _normalising_scale(xb, sd, instance_scaled)
+            diff = (torch.from_numpy(got).double() - ref).abs() / scale
             if not torch.isfinite(diff).all():
                 return math.inf
             errs.append(float(diff.max()))
         return max(errs)
 
-    checks = {"windows": worst(x_raw, scale), "batch_1": worst(x_raw[:1], scale)}
+    checks = {"windows": worst(x_raw, train_std), "batch_1": worst(x_raw[:1], train_std)}
     if dynamic_channels:
-        checks["channels_1"] = worst(x_raw[:8, :, :1], scale[:, :, :1])
+        checks["channels_1"] = worst(x_raw[:8, :, :1], train_std[:, :, :1])
         doubled = torch.cat([x_raw[:8], x_raw[:8].flip(-1)], dim=-1)  # [8, L, 2C]
-        checks["channels_x2"] = worst(doubled, torch.cat([scale, scale.flip(-1)], dim=-1))
+        checks["channels_x2"] = worst(doubled, torch.cat([train_std, train_std.flip(-1)], dim=-1))
     max_err = max(checks.values())
     report = ParityReport(max_err, tolerance, len(x_raw), checks)
     if not max_err <= tolerance:
         raise ParityError(what, max_err, tolerance, checks)
-    log.info("%s: ONNX parity ok, max error %.2e on %d windows", what, max_err, len(x_raw))
+    log.info(
+        "%s: ONNX parity ok, max error %.2e (tolerance %.2e) on %d windows",
+        what,
+        max_err,
+        tolerance,
+        len(x_raw),
+    )
     return report
 
 
@@ -381,478 +414,3 @@ def equivariance_error(
         z = ((x.double() - mean) / std).float()
         ref = model(z).double() * std + mean
     return float(((served - ref).abs() / std).max())
-
-
-# -- calibration and metrics -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SplitForecast:
-    """A forecaster's raw forecasts on every window of a split, with what scoring them needs."""
-
-    split: str
-    yhat: Tensor  # [N, H, C] raw
-    y: Tensor  # [N, H, C] raw
-    scale: Tensor  # [N, 1, C] float64: sqrt(var(input window) + 1e-5), raw units
-
-    def averaged(self, others: Sequence[SplitForecast]) -> SplitForecast:
-        """The mean forecast of this and ``others`` (same split and windows)."""
-        yhat = torch.stack([self.yhat, *(o.yhat for o in others)]).mean(dim=0)
-        return SplitForecast(self.split, yhat, self.y, self.scale)
-
-
-@torch.no_grad()
-def forecast_split(
-    forecast: ForecastFn, data: PreparedData, split: str, batch_size: int = 512
-) -> SplitForecast:
-    """Run a raw forecaster over every window of a split, in order."""
-    windows = data.splits[split]
-    preds, trues, scales = [], [], []
-    for index in windows.batches(batch_size):
-        x, y = windows.batch(index)
-        x_raw = data.scaler.inverse(x)
-        preds.append(forecast(x_raw))  # type: ignore[arg-type]
-        trues.append(data.scaler.inverse(y))
-        var = x_raw.double().var(dim=1, unbiased=False, keepdim=True)  # type: ignore[union-attr]
-        scales.append(torch.sqrt(var + WINDOW_STD_EPS))  # [B, 1, C]
-    return SplitForecast(split, torch.cat(preds), torch.cat(trues), torch.cat(scales))  # type: ignore[arg-type]
-
-
-def conformal_quantiles(scores: np.ndarray, levels: Sequence[int]) -> list[list[float]]:
-    """``scores [n, H]`` -> per level, the ceil((n + 1) * level / 100)-th smallest score per step.
-
-    The finite-sample correction of split conformal prediction: with n exchangeable scores, the
-    interval covers a new one with probability >= level / 100. ``k > n`` would need an infinite
-    bound; it cannot happen for levels < 100 once n >= 100, and is clamped to the maximum.
-    """
-    n = scores.shape[0]
-    ordered = np.sort(scores, axis=0)  # [n, H]
-    rows = []
-    for level in levels:
-        k = math.ceil((n + 1) * level / 100)
-        if k > n:
-            log.warning("calibration: %d scores are too few for level %d; using the max", n, level)
-        rows.append(ordered[min(k, n) - 1].astype(float).tolist())
-    return rows
-
-
-def calibration_from(
-    fc: SplitForecast, levels: Sequence[int] = CALIBRATION_LEVELS
-) -> dict[str, Any]:
-    """Split-conformal calibration (docs/contracts.md) from a forecaster's run over a split.
-
-    score = |y - yhat| / s for every window, channel and step, s = sqrt(var(window) + 1e-5) of
-    the channel's raw input window; the quantiles per step pool windows and channels.
-    """
-    score = ((fc.y.double() - fc.yhat.double()).abs() / fc.scale).transpose(1, 2)  # [N, C, H]
-    table = score.reshape(-1, score.shape[-1]).numpy()  # [N * C, H]
-    return {
-        "method": "split-conformal",
-        "score": "abs_residual_over_window_std",
-        "split": fc.split,
-        "n": int(table.shape[0]),
-        "levels": list(levels),
-        "quantiles": conformal_quantiles(table, levels),
-    }
-
-
-def calibrate(
-    forecast: ForecastFn,
-    data: PreparedData,
-    *,
-    split: str = "val",
-    levels: Sequence[int] = CALIBRATION_LEVELS,
-) -> dict[str, Any]:
-    """Calibrate a raw forecaster on a split (``forecast_split`` + ``calibration_from``)."""
-    return calibration_from(forecast_split(forecast, data, split), levels)
-
-
-def metrics_from(fc: SplitForecast, data: PreparedData) -> dict[str, float]:
-    """MSE/MAE on the z-scored and the raw scale (``training.engine.metrics``)."""
-    mean = torch.from_numpy(data.scaler.mean)
-    std = torch.from_numpy(data.scaler.std)
-    return split_metrics((fc.yhat - mean) / std, (fc.y - mean) / std, data.scaler)
-
-
-def _flat_metrics(val: dict[str, Any], test: dict[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for split, values in (("val", val), ("test", test)):
-        for key in ("mse", "mae", "mse_raw", "mae_raw"):
-            if key in values:
-                out[f"{split}_{key}"] = float(values[key])
-    return out
-
-
-# -- manifests -----------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """``git describe`` of the repository (``-dirty`` when changed), else the package version."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        if out.stdout.strip():
-            return f"git:{out.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        from importlib.metadata import version
-
-        return f"distilcast=={version('distilcast')}"
-    except Exception:  # metadata missing or broken: not worth failing an export for
-        return "unknown"
-
-
-def frequency(data: PreparedData) -> str | None:
-    """The catalogue's frequency, else the median timestamp step as a pandas offset alias."""
-    if data.info.freq:
-        return data.info.freq
-    if data.dates is None:
-        return None
-    seconds = infer_step(data.dates)
-    if not math.isfinite(seconds) or seconds <= 0:
-        return None
-    return str(pd.tseries.frequencies.to_offset(pd.Timedelta(seconds=seconds)).freqstr)
-
-
-def dataset_info(data: PreparedData) -> ManifestDataset:
-    cfg = data.config
-    target = data.columns[0] if cfg.features == "S" else None
-    return ManifestDataset(
-        name=data.info.name,
-        file=data.path.name,
-        split_borders={k: (int(a), int(b)) for k, (a, b) in data.borders.items()},
-        features=list(data.columns),
-        target=target,
-    )
-
-
-def build_manifest(
-    *,
-    name: str,
-    kind: str,
-    architecture: str,
-    config: dict[str, Any],
-    graph: ServingGraph,
-    data: PreparedData,
-    metrics: dict[str, float],
-    calibration: dict[str, Any] | None,
-    parity: ParityReport,
-    teachers: Sequence[ModelRef | str] = (),
-    opset: int = OPSET,
-) -> Manifest:
-    """An unregistered manifest (version, sha256 and created_at are set by the store)."""
-    channels = graph.manifest_channels
-    ch: int | str = channels if channels is not None else "channels"
-    return Manifest(
-        name=name,
-        version=0,  # unregistered: the store numbers it
-        sha256=None,  # the store hashes the bytes it is given
-        kind=kind,  # type: ignore[arg-type]
-        architecture=architecture,
-        config=config,
-        lookback=graph.lookback,
-        horizon=graph.horizon,
-        channels=channels,
-        input_name=INPUT_NAME,
-        output_name=OUTPUT_NAME,
-        input_shape=["batch", graph.lookback, ch],
-        output_shape=["batch", graph.horizon, ch],
-        normalisation=graph.normalisation,
-        dataset=dataset_info(data),
-        frequency=frequency(data),
-        metrics=metrics,
-        calibration=calibration,  # type: ignore[arg-type]
-        teachers=[ModelRef.parse(t) if isinstance(t, str) else t for t in teachers],
-        parity_max_abs_err=parity.max_abs_err,
-        opset=opset,
-        created_at=datetime.now(UTC),
-        code_version=code_version(),
-    )
-
-
-# -- run folder -> manifest + bytes -> registry ------------------------------------------------
-
-
-@dataclass
-class ExportedModel:
-    """A checked export, ready to register."""
-
-    manifest: Manifest
-    onnx_bytes: bytes
-    parity: ParityReport
-    graph: ServingGraph
-    val: SplitForecast
-    """Its forecasts on the validation split (calibration; reused for an ensemble's)."""
-
-
-def data_for_run(run: dict[str, Any]) -> PreparedData:
-    """Re-prepare the data a run was trained on, from its ``run.json``."""
-    if "data" not in run:
-        raise ExportError("run.json records no 'data' settings; pass the prepared data")
-    return prepare(DataConfig(**run["data"]))
-
-
-def _check_data(model: nn.Module, data: PreparedData, where: str) -> None:
-    lookback, horizon = data.config.lookback, data.config.horizon
-    if (model.lookback, model.horizon) != (lookback, horizon):
-        raise ExportError(
-            f"{where}: model has lookback/horizon {model.lookback}/{model.horizon}, "
-            f"the data {lookback}/{horizon}"
-        )
-
-
-def export_model(
-    model: nn.Module,
-    data: PreparedData,
-    *,
-    name: str,
-    architecture: str,
-    kind: str | None = None,
-    config: dict[str, Any] | None = None,
-    metrics: dict[str, float] | None = None,
-    teachers: Sequence[ModelRef | str] = (),
-    path: str | os.PathLike[str] | None = None,
-    parity_windows: int | None = PARITY_WINDOWS,
-    tolerance: float = PARITY_TOLERANCE,
-) -> ExportedModel:
-    """Export, parity-check and describe one trained model (nothing is registered)."""
-    _check_data(model, data, name)
-    model.eval()
-    graph = serving_graph(model, data)
-    x_raw = raw_windows(data, "test", parity_windows)
-    onnx_bytes = export_onnx(
-        graph.module,
-        graph.lookback,
-        graph.channels,
-        path,
-        dynamic_channels=graph.dynamic_channels,
-        example=x_raw[:2],
-    )
-    parity = check_parity(
-        onnx_bytes,
-        graph.module,
-        x_raw,
-        data.scaler.std,
-        dynamic_channels=graph.dynamic_channels,
-        tolerance=tolerance,
-        what=name,
-    )
-    graph.normalisation["raw_vs_scaled_max_abs_err"] = equivariance_error(model, graph, data, x_raw)
-    if graph.normalisation["raw_vs_scaled_max_abs_err"] > 1e-3:
-        log.warning(
-            "%s: serving raw values differs from the z-scored forecast by up to %.2g "
-            "(std units); the metrics were measured on z-scored inputs",
-            name,
-            graph.normalisation["raw_vs_scaled_max_abs_err"],
-        )
-    val = forecast_split(graph.module, data, "val")
-    if metrics is None:
-        test = forecast_split(graph.module, data, "test")
-        metrics = _flat_metrics(metrics_from(val, data), metrics_from(test, data))
-    calibration = calibration_from(val)
-    if kind is None:
-        kind = MODELS[architecture].kind if architecture in MODELS else "student"
-    manifest = build_manifest(
-        name=name,
-        kind=kind,
-        architecture=architecture,
-        config=config if config is not None else asdict(model.cfg),  # type: ignore[call-overload]
-        graph=graph,
-        data=data,
-        metrics=metrics,
-        calibration=calibration,
-        parity=parity,
-        teachers=teachers,
-    )
-    return ExportedModel(manifest, onnx_bytes, parity, graph, val)
-
-
-def export_run(
-    run_dir: str | os.PathLike[str],
-    name: str,
-    *,
-    data: PreparedData | None = None,
-    teachers: Sequence[ModelRef | str] = (),
-    kind: str | None = None,
-    path: str | os.PathLike[str] | None = None,
-    parity_windows: int | None = PARITY_WINDOWS,
-    tolerance: float = PARITY_TOLERANCE,
-) -> ExportedModel:
-    """Load a run folder's best weights and export them (see ``export_model``)."""
-    run_dir = Path(run_dir)
-    model, run = load_forecaster(run_dir)
-    if data is None:
-        data = data_for_run(run)
-    metrics = _flat_metrics(run["val"], run["test"]) if "val" in run and "test" in run else None
-    return export_model(
-        model,
-        data,
-        name=name,
-        architecture=run["model"],
-        kind=kind or run.get("kind"),
-        config=run["model_config"],
-        metrics=metrics,
-        teachers=teachers,
-        path=path,
-        parity_windows=parity_windows,
-        tolerance=tolerance,
-    )
-
-
-def promote(
-    store: FilesystemStore, name: str, alias: str, version: int, redis_url: str | None = None
-) -> AliasEvent:
-    """Point ``alias`` at ``version`` through the Registry (filesystem, then cache + pub/sub)."""
-    url = redis_url if redis_url is not None else os.environ.get(REDIS_ENV) or None
-
-    async def run() -> AliasEvent:
-        registry = open_registry(str(store.root), url)
-        try:
-            return await registry.promote(name, alias, version)
-        finally:
-            await registry.close()
-
-    return asyncio.run(run())
-
-
-def register_exported(
-    exported: ExportedModel,
-    store: FilesystemStore,
-    *,
-    alias: str | None = None,
-    redis_url: str | None = None,
-) -> Manifest:
-    manifest = store.register(exported.manifest, exported.onnx_bytes)
-    if alias:
-        promote(store, manifest.name, alias, manifest.version, redis_url)
-    return manifest
-
-
-def register_run(
-    run_dir: str | os.PathLike[str],
-    store: FilesystemStore,
-    name: str,
-    *,
-    alias: str | None = None,
-    teachers: Sequence[ModelRef | str] = (),
-    data: PreparedData | None = None,
-    redis_url: str | None = None,
-    parity_windows: int | None = PARITY_WINDOWS,
-    tolerance: float = PARITY_TOLERANCE,
-) -> Manifest:
-    """Export a run folder, refuse it unless it passes the parity check, register it.
-
-    Returns the registered manifest (with its version); ``alias`` is then pointed at it.
-    """
-    exported = export_run(
-        run_dir,
-        name,
-        data=data,
-        teachers=teachers,
-        parity_windows=parity_windows,
-        tolerance=tolerance,
-    )
-    return register_exported(exported, store, alias=alias, redis_url=redis_url)
-
-
-def ensemble_fields(
-    modules: Sequence[nn.Module],
-    data: PreparedData,
-    val_forecasts: Sequence[SplitForecast] | None = None,
-) -> dict[str, Any]:
-    """Metrics and calibration of the members' mean forecast, for the group's manifest.
-
-    ``val_forecasts`` (``ExportedModel.val`` of each member) saves a pass over the val split.
-    """
-    if not modules:
-        raise ExportError("an ensemble needs at least one member")
-    vals = list(val_forecasts or [forecast_split(m, data, "val") for m in modules])
-    tests = [forecast_split(m, data, "test") for m in modules]
-    val, test = vals[0].averaged(vals[1:]), tests[0].averaged(tests[1:])
-    return {
-        "metrics": _flat_metrics(metrics_from(val, data), metrics_from(test, data)),
-        "calibration": calibration_from(val),
-        "dataset": dataset_info(data),
-        "frequency": frequency(data),
-    }
-
-
-def register_ensemble(
-    store: FilesystemStore,
-    name: str,
-    members: Sequence[ModelRef | str],
-    *,
-    modules: Sequence[nn.Module] | None = None,
-    data: PreparedData | None = None,
-    val_forecasts: Sequence[SplitForecast] | None = None,
-    alias: str | None = None,
-    redis_url: str | None = None,
-    **fields: Any,
-) -> Manifest:
-    """Register ``members`` as an ensemble group (no model.onnx; the service averages them).
-
-    With the members' serving ``modules`` (raw in, raw out) and ``data``, the group's manifest
-    also carries the ensemble's metrics and its own calibration for intervals.
-    """
-    refs = [ModelRef.parse(m) if isinstance(m, str) else m for m in members]
-    extra: dict[str, Any] = {"config": {"combine": "mean"}, "code_version": code_version()}
-    if modules is not None and data is not None:
-        extra.update(ensemble_fields(modules, data, val_forecasts))
-    manifest = store.register_group(name, refs, **{**extra, **fields})
-    if alias:
-        promote(store, name, alias, manifest.version, redis_url)
-    return manifest
-
-
-# -- CLI -----------------------------------------------------------------------------------------
-
-
-def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
-    store = FilesystemStore(registry_root(a.registry))
-    teachers = [t for t in (a.teachers or "").split(",") if t]
-    try:
-        manifest = register_run(
-            Path(a.run),
-            store,
-            a.name,
-            alias=a.alias,
-            teachers=teachers,
-            parity_windows=a.parity_windows,
-        )
-    except RegistryError as exc:
-        raise ExportError(f"registry: {exc}") from exc
-    return {
-        "name": manifest.name,
-        "version": manifest.version,
-        "alias": a.alias,
-        "registry": str(store.root),
-        "kind": manifest.kind,
-        "architecture": manifest.architecture,
-        "channels": manifest.channels,
-        "parity_max_abs_err": manifest.parity_max_abs_err,
-        "sha256": manifest.sha256,
-        **{k: v for k, v in manifest.metrics.items() if k in ("val_mse", "test_mse", "test_mae")},
-    }
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser("export", help="export a run folder to ONNX and register it")
-    p.add_argument("--run", required=True, help="run folder (run.json + best.safetensors)")
-    p.add_argument("--name", required=True, help="registry name, e.g. etth1-h96")
-    p.add_argument(
-        "--registry", default=None, help=f"registry root (${REGISTRY_ENV}, else {DEFAULT_REGISTRY})"
-    )
-    p.add_argument("--alias", default=None, help="point this alias at the new version")
-    p.add_argument("--teachers", default=None, help="comma-separated NAME@VERSION of teachers")
-    p.add_argument(
-        "--parity-windows", type=int, default=PARITY_WINDOWS, help="test windows for parity"
-    )
-    p.set_defaults(handler=cmd_export)

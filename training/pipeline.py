@@ -1,103 +1,104 @@
-"""``python -m training pipeline``: teachers -> student -> export -> register -> promote.
+"""``python -m training pipeline``: teachers -> student -> ONNX -> registry -> promotion.
 
-The chain uses whatever is available when it runs:
+Stages, each named on stderr as it runs (``[i/n] stage ...``):
 
-* teachers: the masked-pretraining methods (``pretrain`` then ``finetune``) when
-  ``training.pretrain`` has landed, else the supervised teachers of the plan (``patchtst``);
-* student: distilled from the teachers when ``training.distill`` has landed, else the plain
-  ``mlp`` trained on its own;
-* every model is exported to ONNX and parity-checked (``training.export``); teachers are
-  registered as ``NAME-<arch>``, grouped as ``NAME-ensemble`` (the accurate path, with its own
-  metrics and calibration), and the student as ``NAME`` with the teacher versions and the group in
-  its manifest's ``teachers``;
-* each name is promoted to ``production`` when it has no production alias yet, else to
-  ``staging`` (the group first, so a replica switching the student already finds its group).
+1. ``data``: load and split the dataset once (errors name the file, column and row);
+2. ``pretrain M`` and ``finetune M`` for each masked-pretraining method of the plan (or
+   ``train A`` for each supervised teacher of a plan without pretraining);
+3. ``distill student``: TimeDistill from all the teachers (their mean forecast);
+4. ``export``: every model to ONNX, parity-checked, into ``<work>/exports/<name>/``;
+5. ``register``: the teachers (``NAME-<arch>``), their group ``NAME-ensemble`` (the accurate
+   path) and the student ``NAME``, whose manifest lists the teacher versions and the group;
+6. ``promote``: registering put each version on ``staging``; the group and the student are then
+   promoted to ``production`` (or ``alias``) through the registry's gate, which refuses a
+   version worse on validation than the one in production: it stays on ``staging``.
 
-Stages that come from other modules are driven through their CLI subcommands (the flags the
-issues specify), with ``--out`` pointing at a run folder this pipeline owns, so nothing here
-depends on their config classes: ``pretrain --method M --dataset D --lookback L --out DIR``,
-``finetune --method M --dataset D --lookback L --horizon H --from CKPT --out DIR`` and
-``distill --dataset D --lookback L --horizon H --teachers RUN_DIR,... --out DIR``, plus budget
-flags (``--epochs`` ...) where the subcommand has them. The run folders they write must load with
-``training.checkpoints.load_forecaster``. If such an optional stage fails, the pipeline falls back
-(fewer teachers, the plain student), says so on stderr and in the result's ``fallbacks``.
+Nothing falls back: a stage that fails stops the pipeline with :class:`StageFailed` naming the
+stage and its cause (the CLI exits 1). ``resume=True`` (``--resume``) keeps what is done: a
+training stage whose run folder finished returns at once, an unfinished one continues from its
+last epoch, exports and registrations already on disk are reused, so a late failure (a parity
+refusal after hours of teachers) costs only the failed stage.
+
+The plan TOML (``training/configs/pipeline.toml``, ``--quick``: ``pipeline-quick.toml``):
+``pretrained`` (methods), ``supervised`` (teachers used only when ``pretrained`` is empty),
+``student`` (``mlp``), ``[models.<arch>.model|train|pretrain]`` tables merged over the
+architecture's own TOML, ``[distill]`` (``DistillConfig`` fields) and ``[stages.distill]`` (the
+student's ``TrainConfig``). Command-line data and optimisation flags override every stage.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import json
 import logging
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from models_registry.errors import ModelNotFound, RegistryError
-from models_registry.manifest import DEFAULT_ALIAS, Manifest
+from models_registry.defaults import registry_root
+from models_registry.errors import PromotionRefused
+from models_registry.manifest import DEFAULT_ALIAS, Manifest, ModelRef
 from models_registry.store import FilesystemStore
-from training.checkpoints import read_run
+from training.checkpoints import load_forecaster
 from training.config import CONFIG_DIR, build_run_config, load_toml
 from training.data import DataConfig, PreparedData, prepare, resolve_dataset
-from training.export import (
-    PARITY_WINDOWS,
-    ExportedModel,
-    ExportError,
-    export_run,
-    promote,
-    register_ensemble,
-    register_exported,
-    registry_root,
-)
+from training.distill import build_distill_config, run_distill
+from training.export import PARITY_WINDOWS, serving_graph
+from training.manifests import ExportedModel, export_run
 from training.models import MODELS
+from training.pretrain import (
+    METHODS,
+    FinetuneRunConfig,
+    build_pretrain_config,
+    run_finetune,
+    run_pretrain,
+)
+from training.publish import promote, register_ensemble
 from training.train import run_train
 
 log = logging.getLogger(__name__)
 
 ENSEMBLE_SUFFIX = "-ensemble"
 STAGING = "staging"
-TRAIN_FLAGS = {  # TrainConfig field -> the flag of training.__main__.add_train_args
-    "epochs": "--epochs",
-    "batch_size": "--batch-size",
-    "lr": "--lr",
-    "patience": "--patience",
-    "seed": "--seed",
-    "threads": "--threads",
-    "max_train_batches": "--max-train-batches",
-}
+PLAN_KEYS = frozenset({"pretrained", "supervised", "student", "models", "distill", "stages"})
+
+
+class StageFailed(RuntimeError):
+    """A pipeline stage failed; the message names the stage and the cause."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        self.stage = stage
+        super().__init__(
+            f"pipeline stage '{stage}' failed: {type(cause).__name__}: {cause} "
+            "(fix it and rerun with --resume: finished stages are kept)"
+        )
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """One pipeline run. ``overrides`` merges over the plan TOML: ``{"mlp": {"model": {...},
-    "train": {...}}, "distill": {"train": {...}}}`` (architectures and CLI stages alike)."""
+    """One pipeline run. ``data`` and ``train`` are ``DataConfig``/``TrainConfig`` overrides
+    (the command line's); ``train`` applies to every training stage."""
 
-    dataset: str = "ETTh1"
-    horizon: int = 96
-    lookback: int = 336
-    data_dir: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
     registry: str | None = None
     quick: bool = False
-    config_file: str | None = None
+    plan_file: str | None = None
     work_dir: str | None = None
     alias: str | None = None
-    """None: ``production`` for a name without one, else ``staging``."""
-    threads: int | None = None
-    seed: int | None = None
-    progress: bool = True
+    """The alias to promote to (default ``production``, through the registry's gate)."""
     parity_windows: int | None = PARITY_WINDOWS
+    resume: bool = False
     redis_url: str | None = None
-    overrides: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def plan_path(self) -> Path:
-        if self.config_file:
-            return Path(self.config_file)
+        if self.plan_file:
+            return Path(self.plan_file)
         return CONFIG_DIR / ("pipeline-quick.toml" if self.quick else "pipeline.toml")
 
 
@@ -106,33 +107,38 @@ class Plan:
     pretrained: tuple[str, ...]
     supervised: tuple[str, ...]
     student: str
-    budgets: dict[str, dict[str, dict[str, Any]]]
+    models: dict[str, dict[str, dict[str, Any]]]
+    distill: dict[str, Any]
+    stages: dict[str, dict[str, Any]]
 
-    def settings(self, key: str, section: str) -> dict[str, Any]:
-        return dict(self.budgets.get(key, {}).get(section, {}))
+    def table(self, arch: str, section: str) -> dict[str, Any]:
+        return dict(self.models.get(arch, {}).get(section, {}))
 
 
-def load_plan(cfg: PipelineConfig) -> Plan:
-    path = cfg.plan_path()
+def load_plan(path: Path) -> Plan:
     doc = load_toml(path)
-    known = {"pretrained", "supervised", "student", "models", "stages"}
-    unknown = sorted(set(doc) - known)
+    unknown = sorted(set(doc) - PLAN_KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
-    budgets: dict[str, dict[str, dict[str, Any]]] = {}
-    for key, tables in doc.get("models", {}).items():
-        budgets[key] = {k: dict(v) for k, v in tables.items()}
-    for key, flags in doc.get("stages", {}).items():
-        budgets[key] = {"train": dict(flags)}
-    for key, tables in cfg.overrides.items():
-        for section, values in tables.items():
-            budgets.setdefault(key, {}).setdefault(section, {}).update(values)
-    supervised = tuple(doc.get("supervised", ("patchtst",)))
+        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(PLAN_KEYS)}")
+    pretrained = tuple(doc.get("pretrained", ()))
+    supervised = tuple(doc.get("supervised", ()))
     student = str(doc.get("student", "mlp"))
+    for method in pretrained:
+        if method not in METHODS:
+            raise ValueError(f"{path}: unknown method {method!r}; choose from {sorted(METHODS)}")
     for arch in (*supervised, student):
         if arch not in MODELS:
             raise ValueError(f"{path}: unknown model {arch!r}; choose from {sorted(MODELS)}")
-    return Plan(tuple(doc.get("pretrained", ())), supervised, student, budgets)
+    if not pretrained and not supervised:
+        raise ValueError(f"{path}: the plan names no teacher (pretrained or supervised)")
+    return Plan(
+        pretrained,
+        () if pretrained else supervised,
+        student,
+        {k: {s: dict(t) for s, t in v.items()} for k, v in doc.get("models", {}).items()},
+        dict(doc.get("distill", {})),
+        {k: dict(v) for k, v in doc.get("stages", {}).items()},
+    )
 
 
 def default_name(dataset: str, horizon: int, data_dir: str | None = None) -> str:
@@ -142,473 +148,299 @@ def default_name(dataset: str, horizon: int, data_dir: str | None = None) -> str
     return f"{base}-h{horizon}"
 
 
-# -- progress ------------------------------------------------------------------------------------
+class Stages:
+    """Runs named stages: ``[i/n] label ...`` then ``done in 12.3s`` on stderr; a failure is
+    re-raised as :class:`StageFailed` naming the stage."""
 
-
-class StageDisplay:
-    """One line per stage on stderr: ``[i/n] label ...`` then ``done in 12.3s``."""
-
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total = total
-        self.enabled = enabled
-        self.index = 0
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
         self.timings: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
 
-    def _write(self, text: str) -> None:
-        if self.enabled:
-            sys.stderr.write(text + "\n")
-            sys.stderr.flush()
-
     @contextlib.contextmanager
-    def stage(self, label: str) -> Iterator[dict[str, Any]]:
-        self.index += 1
-        prefix = f"[{self.index}/{self.total}] {label}"
-        self._write(f"{prefix} ...")
+    def run(self, label: str) -> Iterator[dict[str, Any]]:
+        prefix = f"[{self.labels.index(label) + 1}/{len(self.labels)}] {label}"
+        sys.stderr.write(f"{prefix} ...\n")
         note: dict[str, Any] = {}
         start = time.perf_counter()
         try:
             yield note
-        except BaseException:
-            self._write(f"{prefix}: failed after {time.perf_counter() - start:.1f}s")
+        except StageFailed:
             raise
+        except Exception as exc:  # any cause: the stage's name is what the user needs
+            sys.stderr.write(f"{prefix}: failed after {time.perf_counter() - start:.1f}s\n")
+            raise StageFailed(label, exc) from exc
         seconds = time.perf_counter() - start
         self.timings.append({"stage": label, "seconds": round(seconds, 2)})
         detail = f" ({note['detail']})" if note.get("detail") else ""
-        self._write(f"{prefix}: done in {seconds:.1f}s{detail}")
-
-    def warn(self, text: str) -> None:
-        log.warning("%s", text)
+        sys.stderr.write(f"{prefix}: done in {seconds:.1f}s{detail}\n")
 
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
 
 
-# -- optional stages through the training CLI ----------------------------------------------------
-
-
-class StageUnavailable(RuntimeError):
-    pass
-
-
-def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    from training.__main__ import build_parser
-
-    parser = build_parser()
-    for action in parser._actions:  # argparse keeps subparsers only here
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
-def available_commands() -> set[str]:
-    """The ``python -m training`` subcommands present now (modules of other issues may lag)."""
-    return set(_subparsers())
-
-
-def _budget_flags(
-    sub: argparse.ArgumentParser, budget: dict[str, Any], progress: bool
-) -> list[str]:
-    known = sub._option_string_actions
-    argv: list[str] = []
-    for key, value in budget.items():
-        flag = TRAIN_FLAGS.get(key, "--" + key.replace("_", "-"))
-        if flag in known and value is not None:
-            argv += [flag, str(value)]
-        else:
-            log.debug("%s has no %s; budget %s=%r not passed", sub.prog, flag, key, value)
-    if not progress and "--no-progress" in known:
-        argv.append("--no-progress")
-    return argv
-
-
-def run_cli_stage(
-    command: str, argv: Sequence[str], budget: dict[str, Any], progress: bool
-) -> dict[str, Any]:
-    """Run ``python -m training COMMAND ARGV`` in-process; returns its result dict."""
-    subs = _subparsers()
-    if command not in subs:
-        raise StageUnavailable(f"`python -m training {command}` is not available")
-    sub = subs[command]
-    known = sub._option_string_actions
-    args: list[str] = []
-    it = iter(argv)
-    for flag in it:  # keep only the flags this subcommand defines
-        value = next(it)
-        if flag in known:
-            args += [flag, value]
-        else:
-            log.info("`%s` has no %s; not passed", command, flag)
-    full = [command, *args, *_budget_flags(sub, budget, progress)]
-    log.info("running: python -m training %s", " ".join(full))
-    from training.__main__ import build_parser
-
-    try:
-        ns = build_parser().parse_args(full)
-    except SystemExit as exc:
-        raise StageUnavailable(f"`python -m training {' '.join(full)}` was refused") from exc
-    result = ns.handler(ns)
-    return result if isinstance(result, dict) else {}
-
-
-def _run_dir(out: Path, result: dict[str, Any]) -> Path:
-    """The run folder a CLI stage wrote: ``--out`` if it holds run.json, else one it reported."""
-    candidates = [out]
-    for key in ("out", "out_dir", "run_dir", "checkpoint", "path"):
-        value = result.get(key)
-        if isinstance(value, str):
-            p = Path(value)
-            candidates += [p, p.parent]
-    for c in candidates:
-        if (c / "run.json").is_file():
-            return c
-    raise FileNotFoundError(f"no run folder with run.json among {[str(c) for c in candidates]}")
-
-
-# -- the pipeline --------------------------------------------------------------------------------
-
-
 @dataclass
-class Trained:
+class Teacher:
     arch: str
     run_dir: Path
     registry_name: str
-    how: str  # "train" | "pretrain+finetune" | "distill"
 
 
-def _train_overrides(cfg: PipelineConfig, plan: Plan, arch: str) -> dict[str, Any]:
-    values = plan.settings(arch, "train")
-    if cfg.threads is not None:
-        values["threads"] = cfg.threads
-    if cfg.seed is not None:
-        values["seed"] = cfg.seed
-    if not cfg.progress:
-        values["progress"] = False
-    return values
+class Pipeline:
+    """The stages of one run, sharing the config, the plan, the data and the work folder."""
+
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.plan = load_plan(cfg.plan_path())
+        self.data_cfg = DataConfig(**cfg.data)
+        self.name = cfg.name or default_name(
+            self.data_cfg.dataset, self.data_cfg.horizon, self.data_cfg.data_dir
+        )
+        self.store = FilesystemStore(registry_root(cfg.registry))
+        suffix = "-quick" if cfg.quick else ""
+        self.work = Path(cfg.work_dir or Path("runs") / "pipeline" / (self.name + suffix))
+        teachers = [f"{s} {m}" for m in self.plan.pretrained for s in ("pretrain", "finetune")]
+        teachers += [f"train {a}" for a in self.plan.supervised]
+        self.stages = Stages(
+            ["data", *teachers, "distill student", "export", "register", "promote"]
+        )
+
+    def _data(self) -> dict[str, Any]:
+        return {k: v for k, v in self.cfg.data.items() if v is not None}
+
+    def _train(self, *tables: dict[str, Any]) -> dict[str, Any]:
+        # Quick runs default to one thread: on 2 shared cores, two threads took 14 min against 2
+        # (OpenMP workers spin when the cores are oversubscribed).
+        merged: dict[str, Any] = {"threads": 1} if self.cfg.quick else {}
+        for t in (*tables, self.cfg.train):
+            merged.update(t)
+        return merged
+
+    # -- training stages ----------------------------------------------------------------------
+
+    def pretrain_finetune(self, method: str) -> Teacher:
+        pre_dir, ft_dir = self.work / f"{method}-pretrain", self.work / method
+        with self.stages.run(f"pretrain {method}") as note:
+            pre = build_pretrain_config(
+                method,
+                data=self._data(),
+                pretrain=self._train(self.plan.table(method, "pretrain")),
+                model_settings=self.plan.table(method, "model"),
+                out_dir=str(pre_dir),
+                resume=self.cfg.resume,
+            )
+            result = run_pretrain(pre)
+            if not result.loop.finished:
+                raise RuntimeError(f"pretraining stopped early ({result.summary()['resume']})")
+            note["detail"] = f"best epoch {result.loop.best_epoch}/{result.loop.epochs_run}"
+        with self.stages.run(f"finetune {method}") as note:
+            run = build_run_config(
+                method,
+                data=self._data(),
+                train=self._train(self.plan.table(method, "train")),
+                model_settings=self.plan.table(method, "model"),
+                out_dir=str(ft_dir),
+            )
+            fit = run_finetune(FinetuneRunConfig(run, str(pre_dir), resume=self.cfg.resume))
+            self._finished(fit.finished, fit.out_dir)
+            note["detail"] = f"val mse {fit.val['mse']:.4f}"
+        return Teacher(method, ft_dir, f"{self.name}-{method}")
+
+    def train_supervised(self, arch: str) -> Teacher:
+        with self.stages.run(f"train {arch}") as note:
+            run = build_run_config(
+                arch,
+                data=self._data(),
+                train=self._train(self.plan.table(arch, "train")),
+                model_settings=self.plan.table(arch, "model"),
+                out_dir=str(self.work / arch),
+            )
+            fit = run_train(run, resume=self.cfg.resume)
+            self._finished(fit.finished, fit.out_dir)
+            note["detail"] = f"val mse {fit.val['mse']:.4f}"
+        return Teacher(arch, self.work / arch, f"{self.name}-{arch}")
+
+    def distill_student(self, teachers: list[Teacher]) -> Path:
+        out = self.work / f"{self.plan.student}-distilled"
+        with self.stages.run("distill student") as note:
+            cfg = build_distill_config(
+                data=self._data(),
+                train=self._train(self.plan.stages.get("distill", {})),
+                distill={**self.plan.distill, "teachers": tuple(str(t.run_dir) for t in teachers)},
+                model_settings=self.plan.table(self.plan.student, "model"),
+                out_dir=str(out),
+                resume=self.cfg.resume,
+            )
+            result = run_distill(cfg)
+            self._finished(result.fit.finished, out)
+            note["detail"] = f"val mse {result.fit.val['mse']:.4f}"
+        return out
+
+    @staticmethod
+    def _finished(finished: bool, out_dir: Path) -> None:
+        if not finished:
+            raise RuntimeError(f"{out_dir} stopped before its schedule ended; rerun with --resume")
+
+    # -- export, registration, promotion ------------------------------------------------------
+
+    def export(self, data: PreparedData, teachers: list[Teacher], student_dir: Path) -> None:
+        with self.stages.run("export") as note:
+            done = []
+            for run_dir, name, kind in [
+                *((t.run_dir, t.registry_name, None) for t in teachers),
+                (student_dir, self.name, "student"),
+            ]:
+                folder = self.work / "exports" / name
+                if self.cfg.resume and (folder / "manifest.json").exists():
+                    done.append(f"{name} (kept)")
+                    continue
+                same = load_forecaster(run_dir)[1]["data"]["lookback"] == data.config.lookback
+                exported = export_run(
+                    run_dir,
+                    name,
+                    data=data if same else None,
+                    kind=kind,
+                    parity_windows=self.cfg.parity_windows,
+                )
+                save_export(exported, folder)
+                done.append(f"{name} parity {exported.parity.max_abs_err:.1e}")
+            note["detail"] = ", ".join(done)
+
+    def register(
+        self, data: PreparedData, teachers: list[Teacher], student_dir: Path
+    ) -> dict[str, Manifest]:
+        """Register what is not registered yet (``<work>/registered.json`` keeps the refs)."""
+        path = self.work / "registered.json"
+        done: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        if not self.cfg.resume:
+            done = {}
+
+        def keep(key: str, manifest: Manifest) -> Manifest:
+            done[key] = str(manifest.ref)
+            path.write_text(json.dumps(done, indent=2))
+            return manifest
+
+        def known(key: str) -> Manifest | None:
+            if key not in done:
+                return None
+            ref = ModelRef.parse(done[key])
+            return self.store.manifest(ref.name, ref.version)
+
+        with self.stages.run("register") as note:
+            members: list[Manifest] = []
+            for t in teachers:
+                found = known(t.registry_name)
+                if found is None:
+                    exported = load_export(self.work / "exports" / t.registry_name)
+                    found = keep(t.registry_name, self.store.register(*exported))
+                members.append(found)
+            group_name = self.name + ENSEMBLE_SUFFIX
+            group = known(group_name)
+            if group is None:
+                modules = [
+                    serving_graph(load_forecaster(t.run_dir)[0], data).module for t in teachers
+                ]
+                same = all(getattr(m, "lookback", None) == data.config.lookback for m in modules)
+                group = keep(
+                    group_name,
+                    register_ensemble(
+                        self.store,
+                        group_name,
+                        [m.ref for m in members],
+                        modules=modules if same else None,
+                        data=data,
+                    ),
+                )
+            student = known(self.name)
+            if student is None:
+                manifest, onnx_bytes = load_export(self.work / "exports" / self.name)
+                refs = [m.ref for m in members] + [group.ref]
+                manifest = manifest.model_copy(update={"teachers": refs})
+                student = keep(self.name, self.store.register(manifest, onnx_bytes))
+            note["detail"] = ", ".join(str(m.ref) for m in (*members, group, student))
+        return {"student": student, "ensemble": group, **{m.name: m for m in members}}
+
+    def promote(self, group: Manifest, student: Manifest) -> dict[str, dict[str, Any]]:
+        """Registering put both on ``staging``; promote each to ``--alias`` (``production`` by
+        default) through the registry's gate. A version the gate refuses (worse on validation
+        than the one in production) stays on ``staging`` and the result says why."""
+        target = self.cfg.alias or DEFAULT_ALIAS
+        out: dict[str, dict[str, Any]] = {}
+        with self.stages.run("promote") as note:
+            for m in (group, student):  # the group first: a replica switching finds its group
+                try:
+                    promote(
+                        self.store, m.name, target, m.version, self.cfg.redis_url, actor="pipeline"
+                    )
+                    out[m.name] = {"alias": target}
+                except PromotionRefused as exc:
+                    log.warning("%s", exc)
+                    out[m.name] = {"alias": STAGING, "refused": str(exc)}
+            note["detail"] = ", ".join(f"{n}@{o['alias']}" for n, o in out.items())
+        return out
+
+    def run(self) -> dict[str, Any]:
+        log.info("pipeline %s -> %s (runs in %s)", self.name, self.store.root, self.work)
+        with self.stages.run("data") as note:
+            data = prepare(self.data_cfg)
+            note["detail"] = f"{data.info.name}, {data.channels} channels"
+        teachers = [self.pretrain_finetune(m) for m in self.plan.pretrained]
+        teachers += [self.train_supervised(a) for a in self.plan.supervised]
+        student_dir = self.distill_student(teachers)
+        self.export(data, teachers, student_dir)
+        registered = self.register(data, teachers, student_dir)
+        student, group = registered.pop("student"), registered.pop("ensemble")
+        aliases = self.promote(group, student)
+        return {
+            "name": self.name,
+            "registry": str(self.store.root),
+            "dataset": data.info.name,
+            "lookback": self.data_cfg.lookback,
+            "horizon": self.data_cfg.horizon,
+            "quick": self.cfg.quick,
+            "student": {**summary(student), **aliases[student.name]},
+            "ensemble": {
+                **summary(group),
+                **aliases[group.name],
+                "members": [str(m.ref) for m in registered.values()],
+            },
+            "teachers": [summary(m) for m in registered.values()],
+            "stages": self.stages.timings,
+            "seconds": round(self.stages.seconds, 1),
+        }
 
 
-def _cli_budget(cfg: PipelineConfig, plan: Plan, stage: str) -> dict[str, Any]:
-    budget = plan.settings(stage, "train")
-    if cfg.threads is not None:
-        budget.setdefault("threads", cfg.threads)
-    if cfg.seed is not None:
-        budget.setdefault("seed", cfg.seed)
-    return budget
+def save_export(exported: ExportedModel, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.onnx").write_bytes(exported.onnx_bytes)
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(exported.manifest.model_dump_json(indent=2))
+    tmp.replace(folder / "manifest.json")  # written last: its presence marks a whole export
 
 
-def _data_args(cfg: PipelineConfig) -> list[str]:
-    argv = ["--dataset", cfg.dataset, "--lookback", str(cfg.lookback)]
-    if cfg.data_dir:
-        argv += ["--data-dir", cfg.data_dir]
-    return argv
+def load_export(folder: Path) -> tuple[Manifest, bytes]:
+    manifest = Manifest.model_validate_json((folder / "manifest.json").read_text())
+    return manifest, (folder / "model.onnx").read_bytes()
 
 
-def train_supervised(cfg: PipelineConfig, plan: Plan, arch: str, out: Path) -> tuple[Path, str]:
-    run_cfg = build_run_config(
-        arch,
-        data={
-            "dataset": cfg.dataset,
-            "lookback": cfg.lookback,
-            "horizon": cfg.horizon,
-            "data_dir": cfg.data_dir,
-        },
-        train=_train_overrides(cfg, plan, arch),
-        model_settings=plan.settings(arch, "model"),
-        out_dir=str(out),
-    )
-    result = run_train(run_cfg)
-    return result.out_dir, f"test mse {result.test['mse']:.3f}"
-
-
-def pretrain_finetune(cfg: PipelineConfig, plan: Plan, method: str, work: Path) -> Path:
-    pre_out, ft_out = work / f"{method}-pretrain", work / method
-    pre = run_cli_stage(
-        "pretrain",
-        ["--method", method, *_data_args(cfg), "--out", str(pre_out)],
-        _cli_budget(cfg, plan, "pretrain"),
-        cfg.progress,
-    )
-    ckpt = next(
-        (str(pre[k]) for k in ("checkpoint", "encoder", "out", "out_dir") if pre.get(k)),
-        str(pre_out),
-    )
-    ft = run_cli_stage(
-        "finetune",
-        [
-            "--method",
-            method,
-            *_data_args(cfg),
-            "--horizon",
-            str(cfg.horizon),
-            "--from",
-            ckpt,
-            "--out",
-            str(ft_out),
-        ],
-        _cli_budget(cfg, plan, "finetune"),
-        cfg.progress,
-    )
-    return _run_dir(ft_out, ft)
-
-
-def distill_student(
-    cfg: PipelineConfig, plan: Plan, teachers: Sequence[Trained], out: Path
-) -> Path:
-    result = run_cli_stage(
-        "distill",
-        [
-            *_data_args(cfg),
-            "--horizon",
-            str(cfg.horizon),
-            "--teachers",
-            ",".join(str(t.run_dir) for t in teachers),
-            "--out",
-            str(out),
-        ],
-        _cli_budget(cfg, plan, "distill"),
-        cfg.progress,
-    )
-    return _run_dir(out, result)
-
-
-def pretrain_methods(plan: Plan, commands: set[str]) -> list[str]:
-    """The plan's pretraining methods that the ``pretrain`` subcommand offers now."""
-    if not plan.pretrained or not {"pretrain", "finetune"} <= commands:
-        return []
-    method = _subparsers()["pretrain"]._option_string_actions.get("--method")
-    choices = set(method.choices) if method is not None and method.choices else None
-    return [m for m in plan.pretrained if choices is None or m in choices]
-
-
-def choose_alias(store: FilesystemStore, name: str, forced: str | None) -> str:
-    if forced:
-        return forced
-    try:
-        aliases = store.aliases(name)
-    except ModelNotFound:
-        aliases = {}
-    return STAGING if DEFAULT_ALIAS in aliases else DEFAULT_ALIAS
-
-
-def _export(run_dir: Path, name: str, data: PreparedData, cfg: PipelineConfig, **kw: Any):
-    run = read_run(run_dir)
-    same = run.get("data", {}).get("lookback") == data.config.lookback
-    return export_run(
-        run_dir, name, data=data if same else None, parity_windows=cfg.parity_windows, **kw
-    )
-
-
-def _summary(m: Manifest, alias: str | None) -> dict[str, Any]:
+def summary(m: Manifest) -> dict[str, Any]:
     keys = ("val_mse", "test_mse", "test_mae")
-    return {
+    out: dict[str, Any] = {
         "name": m.name,
         "version": m.version,
-        "alias": alias,
         "kind": m.kind,
         "architecture": m.architecture,
         **{k: round(m.metrics[k], 4) for k in keys if k in m.metrics},
-        **(
-            {"parity_max_abs_err": m.parity_max_abs_err} if m.parity_max_abs_err is not None else {}
-        ),
     }
+    if m.parity_max_abs_err is not None:
+        out["parity_max_abs_err"] = m.parity_max_abs_err
+    return out
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Build, register and promote one model family; returns what was registered and how."""
-    if cfg.quick and cfg.threads is None:
-        # Measured on 2 shared cores: one thread 2 min, two threads 14 min (OpenMP workers spin
-        # when the cores are oversubscribed); on idle cores the second thread gains little here.
-        cfg = replace(cfg, threads=1)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    plan = load_plan(cfg)
-    name = cfg.name or default_name(cfg.dataset, cfg.horizon, cfg.data_dir)
-    store = FilesystemStore(registry_root(cfg.registry))
-    work = Path(
-        cfg.work_dir or Path("runs") / "pipeline" / (name + ("-quick" if cfg.quick else ""))
-    )
-    commands = available_commands()
-    methods = pretrain_methods(plan, commands)
-    supervised = [] if methods else list(plan.supervised)
-    distill = "distill" in commands
-    fallbacks: list[str] = []
-
-    teacher_stages = [f"teacher {m} (pretrain + finetune)" for m in methods]
-    teacher_stages += [f"teacher {a}" for a in supervised]
-    student_label = f"student {plan.student} ({'distilled' if distill else 'trained alone'})"
-    stages = [
-        "data",
-        *teacher_stages,
-        "export + register teachers",
-        "register ensemble",
-        student_label,
-        "export + register student",
-        "promote",
-    ]
-    display = StageDisplay(len(stages))
-    log.info("pipeline %s: %d stages -> %s (runs in %s)", name, len(stages), store.root, work)
-
-    with display.stage("data") as note:
-        data = prepare(DataConfig(cfg.dataset, cfg.lookback, cfg.horizon, data_dir=cfg.data_dir))
-        note["detail"] = (
-            f"{data.info.name}, {data.channels} channels, L={cfg.lookback} H={cfg.horizon}"
-        )
-
-    teachers: list[Trained] = []
-    for method in methods:
-        with display.stage(f"teacher {method} (pretrain + finetune)") as note:
-            try:
-                run_dir = pretrain_finetune(cfg, plan, method, work)
-                teachers.append(Trained(method, run_dir, f"{name}-{method}", "pretrain+finetune"))
-            except (StageUnavailable, FileNotFoundError, ValueError, RuntimeError) as exc:
-                fallbacks.append(f"teacher {method} skipped: {exc}")
-                display.warn(f"teacher {method} skipped: {exc}")
-                note["detail"] = "skipped"
-    if methods and not teachers:
-        # Every pretrained teacher failed: fall back to the supervised ones (not counted above).
-        fallbacks.append(f"no pretrained teacher; using {list(plan.supervised)}")
-        supervised = list(plan.supervised)
-    for arch in supervised:
-        label = f"teacher {arch}"
-        if label not in stages:
-            display.total += 1
-        with display.stage(label) as note:
-            run_dir, note["detail"] = train_supervised(cfg, plan, arch, work / arch)
-            teachers.append(Trained(arch, run_dir, f"{name}-{arch}", "train"))
-
-    exported: list[ExportedModel] = []
-    members: list[Manifest] = []
-    with display.stage("export + register teachers") as note:
-        for t in teachers:
-            e = _export(t.run_dir, t.registry_name, data, cfg)
-            exported.append(e)
-            members.append(register_exported(e, store))
-        note["detail"] = ", ".join(f"{m.name}@{m.version}" for m in members)
-
-    group_name = name + ENSEMBLE_SUFFIX
-    with display.stage("register ensemble") as note:
-        # Members with another lookback than the data here cannot be scored on these windows.
-        same = all(e.graph.lookback == data.config.lookback for e in exported)
-        group = register_ensemble(
-            store,
-            group_name,
-            [m.ref for m in members],
-            modules=[e.graph.module for e in exported] if same else None,
-            data=data,
-            val_forecasts=[e.val for e in exported] if same else None,
-        )
-        test = group.metrics.get("test_mse")
-        note["detail"] = f"{group.name}@{group.version}" + (
-            f", test mse {test:.3f}" if test is not None else ""
-        )
-
-    student_dir = work / plan.student
-    distilled = False
-    with display.stage(student_label) as note:
-        if distill:
-            try:
-                student_dir = distill_student(
-                    cfg, plan, teachers, work / f"{plan.student}-distilled"
-                )
-                distilled = True
-            except (StageUnavailable, FileNotFoundError, ValueError, RuntimeError) as exc:
-                fallbacks.append(f"distillation failed, plain {plan.student} instead: {exc}")
-                display.warn(fallbacks[-1])
-        if not distilled:
-            student_dir, note["detail"] = train_supervised(cfg, plan, plan.student, student_dir)
-
-    with display.stage("export + register student") as note:
-        # The teacher versions it was distilled from (or, trained alone, registered beside it)
-        # and their group: the service's accurate path for a pinned student version uses these.
-        refs = [m.ref for m in members] + [group.ref]
-        e = _export(student_dir, name, data, cfg, teachers=refs, kind="student")
-        student = register_exported(e, store)
-        test_mse = student.metrics.get("test_mse", float("nan"))
-        note["detail"] = (
-            f"{student.name}@{student.version}, test mse {test_mse:.3f}, "
-            f"parity {student.parity_max_abs_err:.1e}"
-        )
-
-    aliases: dict[str, str] = {}
-    with display.stage("promote") as note:
-        for m in (group, student):
-            alias = choose_alias(store, m.name, cfg.alias)
-            promote(store, m.name, alias, m.version, cfg.redis_url)
-            aliases[m.name] = alias
-        note["detail"] = ", ".join(f"{n}@{a}" for n, a in aliases.items())
-
-    return {
-        "name": name,
-        "registry": str(store.root),
-        "dataset": data.info.name,
-        "lookback": cfg.lookback,
-        "horizon": cfg.horizon,
-        "quick": cfg.quick,
-        "student": {**_summary(student, aliases[student.name]), "distilled": distilled},
-        "ensemble": {
-            **_summary(group, aliases[group.name]),
-            "members": [str(m.ref) for m in members],
-        },
-        "teachers": [
-            {**_summary(m, None), "trained": t.how} for m, t in zip(members, teachers, strict=True)
-        ],
-        "fallbacks": fallbacks,
-        "stages": display.timings,
-        "seconds": round(display.seconds, 1),
-    }
+    return Pipeline(cfg).run()
 
 
-# -- CLI -----------------------------------------------------------------------------------------
-
-
-def cmd_pipeline(a: argparse.Namespace) -> dict[str, Any]:
-    cfg = PipelineConfig(
-        dataset=a.dataset,
-        horizon=a.horizon,
-        lookback=a.lookback,
-        data_dir=a.data_dir,
-        name=a.name,
-        registry=a.registry,
-        quick=a.quick,
-        config_file=a.config,
-        work_dir=a.work_dir,
-        alias=a.alias,
-        threads=a.threads,
-        seed=a.seed,
-        progress=not a.no_progress,
-        parity_windows=a.parity_windows,
-    )
-    try:
-        return run_pipeline(cfg)
-    except RegistryError as exc:
-        raise ExportError(f"registry: {exc}") from exc
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser(
-        "pipeline", help="teachers -> student -> ONNX -> registry -> promote, in one go"
-    )
-    p.add_argument("--dataset", default="ETTh1", help="catalogue name or a CSV path")
-    p.add_argument("--data-dir", default=None, help="folder holding the catalogue's files")
-    p.add_argument("--lookback", type=int, default=336)
-    p.add_argument("--horizon", type=int, default=96)
-    p.add_argument("--quick", action="store_true", help="tiny budgets (~2 min on 2 CPU cores)")
-    p.add_argument(
-        "--registry",
-        default=None,
-        help="registry root (default: $DISTILCAST_REGISTRY_ROOT, else ./var/registry)",
-    )
-    p.add_argument("--name", default=None, help="registry name (default: <dataset>-h<horizon>)")
-    p.add_argument(
-        "--alias",
-        default=None,
-        help="alias to set (default: production if the name has none yet, else staging)",
-    )
-    p.add_argument("--config", default=None, help="plan TOML (default: configs/pipeline*.toml)")
-    p.add_argument("--work-dir", default=None, help="run folders (default: runs/pipeline/NAME)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (--quick: 1)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--parity-windows", type=int, default=PARITY_WINDOWS)
-    p.add_argument("--no-progress", action="store_true", help="no per-epoch progress bars")
-    p.set_defaults(handler=cmd_pipeline)
+__all__ = ["PipelineConfig", "StageFailed", "default_name", "run_pipeline"]

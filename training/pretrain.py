@@ -16,7 +16,6 @@ TOML (``training/configs/<method>.toml``): ``[model]`` architecture and pretext 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -414,70 +413,6 @@ def run_finetune(cfg: FinetuneRunConfig) -> FitResult:
         resume=cfg.resume,
         desc=desc,
     )
-
-
-# --- CLI ---------------------------------------------------------------------------------------
-
-
-def cmd_pretrain(a: argparse.Namespace) -> dict[str, Any]:
-    from training.__main__ import data_overrides, train_overrides
-
-    cfg = build_pretrain_config(
-        a.method, a.config, data_overrides(a), train_overrides(a), out_dir=a.out, resume=a.resume
-    )
-    result = run_pretrain(cfg)
-    return {
-        "method": cfg.method,
-        "dataset": cfg.data.dataset,
-        "lookback": cfg.data.lookback,
-        **result.summary(),
-    }
-
-
-def cmd_finetune(a: argparse.Namespace) -> dict[str, Any]:
-    from training.__main__ import data_overrides, train_overrides
-
-    run = build_run_config(a.method, a.config, data_overrides(a), train_overrides(a), out_dir=a.out)
-    cfg = FinetuneRunConfig(run, a.init_from, a.allow_channel_change, a.resume)
-    result = run_finetune(cfg)
-    return {
-        "model": a.method,
-        "dataset": run.data.dataset,
-        "lookback": run.data.lookback,
-        "horizon": run.data.horizon,
-        "pretrained_from": a.init_from,
-        **result.summary(),
-        "checkpoint": str(result.out_dir / "best.safetensors"),
-    }
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from training.__main__ import add_data_args, add_train_args
-
-    p = sub.add_parser("pretrain", help="masked pretraining of a teacher's encoder")
-    p.add_argument("--method", required=True, choices=sorted(METHODS))
-    add_data_args(p, horizon=False)
-    add_train_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from --out's last epoch")
-    p.set_defaults(handler=cmd_pretrain)
-
-    p = sub.add_parser("finetune", help="fine-tune a teacher to forecast (pretrained or scratch)")
-    p.add_argument("--method", required=True, choices=sorted(METHODS))
-    p.add_argument(
-        "--from",
-        dest="init_from",
-        default=None,
-        help="pretraining folder or its encoder.safetensors (without: train from scratch)",
-    )
-    p.add_argument(
-        "--allow-channel-change",
-        action="store_true",
-        help="accept a checkpoint pretrained on another channel count",
-    )
-    p.add_argument("--resume", action="store_true", help="continue from --out's last epoch")
-    add_data_args(p)
-    add_train_args(p)
-    p.set_defaults(handler=cmd_finetune)
 
 
 __all__ = [

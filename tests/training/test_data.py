@@ -120,7 +120,7 @@ def test_data_dir_override(tmp_path: Path) -> None:
         ("date,a\n2020-01-01,1\n2020-01-02,\n", r"column 'a' row 1 \(line 3\): value empty"),
         ("date,a\n2020-01-01,1\n2020-01-02,abc\n", r"column 'a' row 1 .*'abc'"),
         ("date,a\n2020-01-01,1\nnot-a-date,2\n", r"column 'date' row 1 .*'not-a-date'"),
-        ("when,a\n2020-01-01,1\n", r"no date column 'date'"),
+        ("stamp,a\nsoon,1\n", r"no timestamp column: none of \['stamp', 'a'\]"),
     ],
 )
 def test_bad_data_is_refused_naming_file_column_row(

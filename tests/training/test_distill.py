@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.__main__ import main
 from training.checkpoints import load_forecaster
+from training.cli import main
 from training.data import DataConfig, prepare
 from training.distill import (
     DistillationLoss,
@@ -184,7 +184,7 @@ def test_ablations_drop_their_terms() -> None:
     assert set(no_period) == {"mse", "pred_scale", "feat_scale", "total"}
     no_scale = make_criterion(scale=False)(y, h_s, y, y, [h_t])
     assert set(no_scale) == {"mse", "pred_period", "feat_period", "total"}
-    cfg = DistillConfig(features=False)
+    cfg = DistillConfig(feature_terms=False)
     assert cfg.alpha_beta("ETTh1") == (2.0, 0.0)
     no_features = DistillationLoss(cfg, *cfg.alpha_beta("ETTh1"), [24], 16)
     assert len(no_features.regressors) == 0
@@ -206,7 +206,7 @@ def test_student_names() -> None:
     assert DistillConfig().student_name(["simmtm"]) == "student-simmtm"
     names = ["simmtm", "himtm", "dmae"]
     assert DistillConfig().student_name(names) == "student-ensemble"
-    assert DistillConfig(features=False).student_name(names) == "student-ensemble-no-features"
+    assert DistillConfig(feature_terms=False).student_name(names) == "student-ensemble-no-features"
     assert DistillConfig(period=False).student_name(names) == "student-ensemble-no-period"
     assert DistillConfig(scale=False).student_name(names) == "student-ensemble-no-scale"
 

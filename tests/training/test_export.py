@@ -7,33 +7,36 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import torch
 from onnx import numpy_helper
 
+from models_registry.defaults import registry_root
 from models_registry.manifest import ModelRef
 from models_registry.store import FilesystemStore
 from tests.training.test_models import TINY
-from training import export
-from training.__main__ import main
+from training import export, manifests
+from training.cli import main
 from training.config import build_run_config
 from training.data import DataConfig, prepare
 from training.export import (
-    CALIBRATION_LEVELS,
     OPSET,
-    ExportedModel,
     ParityError,
     check_parity,
+    onnx_session,
+    parity_tolerance,
+    raw_windows,
+)
+from training.manifests import (
+    CALIBRATION_LEVELS,
+    ExportedModel,
     conformal_quantiles,
     export_model,
     export_run,
-    onnx_session,
-    raw_windows,
-    register_ensemble,
-    register_exported,
-    register_run,
 )
 from training.models import MODELS, build_model
+from training.publish import register_ensemble, register_exported, register_run
 from training.train import run_train
 
 L, H = 48, 12
@@ -145,7 +148,7 @@ def test_a_graph_that_disagrees_with_torch_is_refused(
     mlp_run: Path, data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = FilesystemStore(tmp_path / "registry")
-    monkeypatch.setattr(export, "export_onnx", _tampered_export(export.export_onnx))
+    monkeypatch.setattr(manifests, "export_onnx", _tampered_export(export.export_onnx))
     with pytest.raises(ParityError, match="parity check failed") as info:
         register_run(mlp_run, store, "etth1-h12", data=data, parity_windows=32)
     assert info.value.max_abs_err > 1e-4
@@ -198,7 +201,7 @@ def test_export_register_load_from_registry_bytes(
     m = register_exported(exported, store, alias="production")
     assert m.version == 1 and m.sha256
     assert store.resolve("etth1-h12") == ("etth1-h12", 1)
-    assert store.aliases("etth1-h12") == {"production": 1}
+    assert store.aliases("etth1-h12") == {"production": 1, "staging": 1}
     session = onnx_session(store.onnx_bytes("etth1-h12", 1), threads=1)
     x = raw_windows(data, "test", 16)
     (y,) = session.run([m.output_name], {m.input_name: x.numpy()})
@@ -250,7 +253,35 @@ def test_cli_export(mlp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_registry_root_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DISTILCAST_REGISTRY_ROOT", raising=False)
-    assert export.registry_root() == Path("./var/registry")
+    assert registry_root() == Path("./var/registry")
     monkeypatch.setenv("DISTILCAST_REGISTRY_ROOT", "/srv/reg")
-    assert export.registry_root() == Path("/srv/reg")
-    assert export.registry_root("elsewhere") == Path("elsewhere")
+    assert registry_root() == Path("/srv/reg")
+    assert registry_root("elsewhere") == Path("elsewhere")
+
+
+def test_parity_tolerance_grows_with_conditioning_depth_and_length() -> None:
+    base = parity_tolerance(4, 336, 10.0)
+    assert 1e-4 < base < 1e-3  # ETTh1-like graphs: honest float32 errors are 2e-6 to 6e-5
+    assert parity_tolerance(4, 336, 1e4) > 100 * base  # a level that dwarfs its spread
+    assert parity_tolerance(8, 336, 10.0) > base and parity_tolerance(4, 1344, 10.0) > base
+
+
+def test_wide_ranging_channels_pass_parity_in_the_normalised_space(tmp_path: Path) -> None:
+    """A meter reading ~1e4 that moves by ~1: float32 cannot hold 1e-4 of its train std, yet
+    in the model's normalised space the graph agrees with torch within the derived tolerance."""
+    rows = 600
+    t = np.arange(rows)
+    frame = pd.DataFrame(
+        {
+            "date": pd.date_range("2024-01-01", periods=rows, freq="h"),
+            "meter": 20000.0 + np.sin(2 * np.pi * t / 24) + 0.001 * t,
+            "other": np.cos(2 * np.pi * t / 12),
+        }
+    )
+    csv = tmp_path / "wide.csv"
+    frame.to_csv(csv, index=False)
+    data = prepare(DataConfig(str(csv), lookback=L, horizon=H))
+    torch.manual_seed(0)
+    model = build_model("patchtst", lookback=L, horizon=H, **TINY["patchtst"])
+    e = export_model(model, data, name="wide", architecture="patchtst", parity_windows=64)
+    assert e.parity.max_abs_err <= e.parity.tolerance

@@ -24,7 +24,9 @@ from tests.training.test_models import TINY
 from training.checkpoints import load_forecaster
 from training.config import build_run_config
 from training.data import DataConfig, PreparedData, prepare
-from training.export import export_run, raw_windows, register_ensemble, register_exported
+from training.export import raw_windows
+from training.manifests import export_run
+from training.publish import register_ensemble, register_exported
 from training.train import run_train
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from tests.training.test_models import TINY
-from training.__main__ import main
 from training.checkpoints import load_forecaster
+from training.cli import main
 from training.config import build_run_config
 from training.models import build_model, dmae, himtm, make_config, simmtm
 from training.models.masking import (
