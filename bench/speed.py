@@ -48,7 +48,8 @@ sys.path.insert(0, str(REPO))
 from service.core.engine import CPU, EngineOptions, OrtEngine  # noqa: E402
 from training.checkpoints import load_forecaster  # noqa: E402
 from training.data import DataConfig, prepare  # noqa: E402
-from training.distill import build_distill_config, resolve_teacher_dir  # noqa: E402
+from training.distill import build_distill_config  # noqa: E402
+from training.distill_teachers import resolve_teacher_dir  # noqa: E402
 from training.engine import count_params  # noqa: E402
 from training.export import export_onnx  # noqa: E402
 from training.models import Forecaster, build_model  # noqa: E402

@@ -143,7 +143,9 @@ def pretrain_job(name: str, data: PreparedData, threads: int) -> Job:
 
 def student_job(data: PreparedData, threads: int) -> Job:
     """The TimeDistill student (mlp, L = 720) with the distillation objective of ``distill``."""
-    from training.distill import DistillationLoss, DistillConfig, TeacherWindows
+    from training.distill import DistillConfig
+    from training.distill_losses import DistillationLoss
+    from training.distill_teachers import TeacherWindows
 
     conf = _toml("distill")
     table = conf["distill"]
@@ -161,7 +163,7 @@ def student_job(data: PreparedData, threads: int) -> Job:
     features = [torch.randn(n, c, d, generator=gen).half() for d in dims]  # [N, C, D_t]
     torch.manual_seed(0)
     student = build_model("mlp", lookback=720, horizon=96, **conf["model"])
-    criterion = DistillationLoss(dcfg, alpha, beta, dims, student.feature_dim)
+    criterion = DistillationLoss(dcfg.loss, alpha, beta, dims, student.feature_dim)
     trainable = nn.ModuleDict({"student": student, "criterion": criterion})
     windows = TeacherWindows(base, target, features, [])
     windows.teachers = [None] * len(dims)  # type: ignore[list-item]  # every feature is cached

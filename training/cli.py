@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from models_registry.defaults import DEFAULT_ROOT, ROOT_ENV
 from training.data import DataConfig, DataError
+from training.distributed import DistributedConfig
 from training.loop import TrainConfig
 
 DESCRIPTION = """Train, pretrain, fine-tune, distil, export and publish Distilcast forecasters.
@@ -63,6 +64,15 @@ HELP: dict[str, str] = {
     "scale": "the multi-scale terms (--no-scale: ablation)",
     "weighting": "ensemble target: plain mean (served) or weights 1/val MSE",
     "cache": "cache the teachers' outputs once (memory, then a memory-mapped file)",
+    "cache_max_mb": "MB of features per teacher kept in memory; beyond it memory-mapped on disk",
+    "kl_reduction": "period KL: sum over frequencies (ours) or mean over elements (the authors')",
+    "workers": "data-parallel workers under Ray Train (default: 1, this process only)",
+    "address": "Ray cluster for --workers (auto, ray://head:10001; default: a local one)",
+    "use_gpu": "one GPU per worker (NCCL); default gloo on CPU",
+    "cpus_per_worker": "CPUs Ray reserves per worker",
+    "storage": "where Ray keeps checkpoints: a path every node sees, or s3://, gs:// (default: "
+    "<out>/ray)",
+    "max_failures": "worker restarts Ray may make (-1: no limit)",
 }
 
 
@@ -96,7 +106,10 @@ def add_dataclass_flags(
         tp = _field_type(hints[f.name])
         default = f.default if f.default is not MISSING else None
         text = HELP.get(f.name, "")
-        shown = f"{text} (default: {default})" if text else f"default: {default}"
+        if "default:" in text:  # the help states its own default
+            shown = text
+        else:
+            shown = f"{text} (default: {default})" if text else f"default: {default}"
         kwargs: dict[str, Any] = {"default": None, "dest": f.name, "help": shown}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -146,10 +159,12 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
         dataclass_values(a, TrainConfig),
         out_dir=a.out,
     )
-    if a.workers > 1:
+    dist = dataclass_values(a, DistributedConfig)
+    if dist.get("workers", 1) > 1 or len(dist) > ("workers" in dist):
         from training.distributed import run_distributed
 
-        result = run_distributed(cfg, workers=a.workers, address=a.address, resume=a.resume)
+        dist.setdefault("workers", 1)
+        result = run_distributed(cfg, resume=a.resume, **dist)
     else:
         result = run_train(cfg, resume=a.resume)
     return {
@@ -290,16 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p)
     add_train_flags(p)
     add_run_flags(p)
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="data-parallel workers under Ray Train (1: this process only)",
-    )
-    p.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster for --workers (e.g. auto or ray://head:10001; default: a local one)",
+    add_dataclass_flags(
+        p.add_argument_group("many workers (Ray Train; docs/training.md)"), DistributedConfig
     )
     p.set_defaults(handler=cmd_train)
 

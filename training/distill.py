@@ -28,12 +28,12 @@ prepared at the student's lookback and each teacher sees the last ``L_t`` steps 
 Validation and test targets do not depend on the lookback (the split borders reach back ``L``), so
 student and teachers are scored on the same forecast windows.
 
-Teacher outputs are cached: being frozen and deterministic, each teacher runs once over the
-training windows before the first epoch (one epoch-free pass) and every epoch reads its forecasts
-(float32) and features (float16, to halve the memory) by window index. A teacher whose feature
-cache would exceed ``cache_max_mb`` has its forecasts cached and its features recomputed per
-batch. The passes are also memoised in-process, keyed by teacher run, data config and split, so
-a benchmark distilling several students on the same data runs each teacher once.
+Teacher outputs are cached (``training/distill_teachers.py``): being frozen and deterministic,
+each teacher runs once over the training windows before the first epoch and every epoch reads
+its forecasts (float32) and features (float16, to halve the memory) by window index. A teacher
+whose features would exceed ``cache_max_mb`` in memory has them written to a memory-mapped file
+in the run folder's ``teacher-cache/`` (removed when the run ends), so no teacher is recomputed
+per batch whatever the data's size. The loss itself is ``training/distill_losses.py``.
 
 Choices where the paper is silent, or where its literal form failed here. Both are made on the
 validation split (``bench/validation_choices.py``, group ``distill``, in
@@ -63,25 +63,38 @@ brackets as a report only:
 from __future__ import annotations
 
 import logging
-import sys
+import shutil
 import time
-from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from training.checkpoints import load_forecaster
 from training.config import CONFIG_DIR, RunConfig, _update, build_run_config, load_toml
-from training.data import PreparedData, WindowSet, prepare, resolve_dataset
-from training.engine import FitResult, count_params, fit, metrics
+from training.data import prepare
+from training.distill_losses import (
+    DistillationLoss,
+    FeatureNorm,
+    FFTNorm,
+    KLReduction,
+    LossConfig,
+)
+from training.distill_teachers import (
+    WEIGHTINGS,
+    TeacherWindows,
+    Weighting,
+    combine,
+    ensemble_weights,
+    load_teachers,
+    score_teachers,
+    teacher_pass,
+)
+from training.engine import FitResult, count_params, fit
 from training.loop import seed_everything
-from training.models import MODELS, Forecaster, build_model
+from training.models import MODELS, build_model
 
 log = logging.getLogger(__name__)
 
@@ -96,75 +109,6 @@ DATASET_DEFAULTS: dict[str, tuple[float, float]] = {
     "weather": (0.1, 0.1),
 }
 FALLBACK_ALPHA_BETA = (1.0, 1.0)
-
-Weighting = Literal["mean", "val-weighted"]
-WEIGHTINGS: tuple[Weighting, ...] = ("mean", "val-weighted")
-M = TypeVar("M", bound=nn.Module)
-FFTNorm = Literal["backward", "ortho", "forward"]
-
-
-# --------------------------------------------------------------------------- loss primitives
-
-
-def pool_pyramid(x: Tensor, dim: int, scales: int = 4, kernel: int = 2) -> list[Tensor]:
-    """``[Pool^0 x, ..., Pool^(scales-1) x]``: average pooling of ``kernel`` along ``dim``."""
-    if x.shape[dim] < kernel ** (scales - 1):
-        raise ValueError(
-            f"axis {dim} has {x.shape[dim]} steps, too few for {scales} scales of kernel {kernel}"
-        )
-    moved = x.movedim(dim, -1)  # [..., T]
-    lead = moved.shape[:-1]
-    z = moved.reshape(-1, 1, moved.shape[-1])  # [N, 1, T]
-    out = [x]
-    for _ in range(1, scales):
-        z = F.avg_pool1d(z, kernel)  # [N, 1, T // kernel^m]
-        out.append(z.reshape(*lead, -1).movedim(-1, dim))  # x's layout, axis dim shortened
-    return out
-
-
-def multiscale_mse(
-    student: Tensor, teacher: Tensor, dim: int, scales: int = 4, kernel: int = 2
-) -> Tensor:
-    """``mean_m MSE(Pool^m student, Pool^m teacher)`` over ``m = 0..scales-1``."""
-    pairs = zip(
-        pool_pyramid(student, dim, scales, kernel),
-        pool_pyramid(teacher, dim, scales, kernel),
-        strict=True,
-    )
-    return torch.stack([F.mse_loss(s, t) for s, t in pairs]).mean()
-
-
-def frequency_log_softmax(
-    x: Tensor, dim: int, temperature: float = 0.5, norm: FFTNorm = "ortho"
-) -> Tensor:
-    """Log-softmax over the non-DC |rFFT| bins of ``x`` along ``dim``; frequencies moved last.
-
-    ``[B, H, C]`` along ``dim=1`` gives ``[B, C, H // 2]``: one distribution per window and channel.
-    """
-    amplitude = torch.fft.rfft(x.movedim(dim, -1), dim=-1, norm=norm).abs()[..., 1:]  # [..., T//2]
-    return F.log_softmax(amplitude / temperature, dim=-1)
-
-
-def period_kl(
-    teacher: Tensor, student: Tensor, dim: int, temperature: float = 0.5, norm: FFTNorm = "ortho"
-) -> Tensor:
-    """``KL(Q_teacher || Q_student)`` of the frequency distributions, mean over rows."""
-    log_q_t = frequency_log_softmax(teacher, dim, temperature, norm)  # [..., F]
-    log_q_s = frequency_log_softmax(student, dim, temperature, norm)  # [..., F]
-    return (log_q_t.exp() * (log_q_t - log_q_s)).sum(-1).mean()
-
-
-class Regressor(nn.Module):
-    """Maps a teacher feature ``[B, C, D_t]`` to the student's width: ``[B, C, D]``."""
-
-    def __init__(self, teacher_dim: int, student_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(teacher_dim, student_dim), nn.ReLU(), nn.Linear(student_dim, student_dim)
-        )
-
-    def forward(self, h: Tensor) -> Tensor:
-        return self.net(h)  # [B, C, D]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -187,9 +131,10 @@ class DistillConfig:
     scale: bool = True  # the multi-scale MSE terms
     weighting: Weighting = "mean"
     fft_norm: FFTNorm = "ortho"  # torch.fft.rfft's norm; "backward" = unnormalised
-    feature_norm: Literal["standardize", "none"] = "none"  # "standardize": per row along D
-    cache: bool = True
-    cache_max_mb: int = 1024  # per teacher, features; above it features are recomputed per batch
+    feature_norm: FeatureNorm = "none"  # "standardize": per row along D
+    kl_reduction: KLReduction = "sum"  # "mean": over (row, frequency) elements, as the authors
+    cache: bool = True  # False: teacher features recomputed per batch (no memory, no disk)
+    cache_max_mb: float = 1024  # per teacher, features in memory; beyond it memory-mapped on disk
     evaluate_teachers: bool = True  # score each teacher and the ensemble on val and test
 
     def __post_init__(self) -> None:
@@ -201,6 +146,20 @@ class DistillConfig:
             raise ValueError("temperature must be > 0, scales and pool_kernel >= 1")
         if self.weighting == "val-weighted" and not self.evaluate_teachers:
             raise ValueError("weighting 'val-weighted' needs evaluate_teachers (val MSE)")
+
+    @property
+    def loss(self) -> LossConfig:
+        """The objective's form."""
+        return LossConfig(
+            temperature=self.temperature,
+            scales=self.scales,
+            pool_kernel=self.pool_kernel,
+            period=self.period,
+            scale=self.scale,
+            fft_norm=self.fft_norm,
+            feature_norm=self.feature_norm,
+            kl_reduction=self.kl_reduction,
+        )
 
     def alpha_beta(self, dataset: str) -> tuple[float, float]:
         """The weights in effect: explicit values, else the dataset's default; ablations zero."""
@@ -260,311 +219,7 @@ def build_distill_config(
     return DistillRunConfig(run, _update(DistillConfig(), values, f"{path} [distill]"), resume)
 
 
-# --------------------------------------------------------------------------- teachers
-
-
-@dataclass
-class Teacher:
-    """A frozen teacher and where it came from."""
-
-    name: str
-    run_dir: Path
-    model: Forecaster
-    run: dict[str, Any]
-
-    @property
-    def lookback(self) -> int:
-        return self.model.lookback
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "run": str(self.run_dir),
-            "architecture": self.run.get("model"),
-            "lookback": self.lookback,
-            "params": count_params(self.model),
-            "feature_dim": self.model.feature_dim,
-        }
-
-
-def resolve_teacher_dir(spec: str, dataset: str, horizon: int, cfg: DistillConfig) -> Path:
-    """A run folder as given, or a name: ``<teacher_dir>/<dataset>-<name>-L<Lt>-H<h>``."""
-    given = Path(spec)
-    if given.is_dir():
-        return given
-    if "/" in spec or given.suffix:
-        raise FileNotFoundError(f"teacher run folder {spec} not found")
-    run_dir = Path(cfg.teacher_dir) / f"{dataset}-{spec}-L{cfg.teacher_lookback}-H{horizon}"
-    if not run_dir.is_dir():
-        others = sorted(p.name for p in Path(cfg.teacher_dir).glob(f"{dataset}-{spec}-L*-H*"))
-        hint = f"; found {others}" if others else ""
-        raise FileNotFoundError(
-            f"teacher {spec!r}: no run folder {run_dir} (train or fine-tune it first, or pass "
-            f"a run folder / --teacher-dir{hint})"
-        )
-    return run_dir
-
-
-def freeze(model: M) -> M:
-    """Eval mode (dropout off, BatchNorm statistics fixed) and no gradients, for good."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def load_teachers(data: PreparedData, cfg: DistillConfig) -> list[Teacher]:
-    """Load, check against the student's data, and freeze every teacher."""
-    dataset, horizon = data.info.name, data.config.horizon
-    teachers = []
-    for spec in cfg.teachers:
-        run_dir = resolve_teacher_dir(spec, dataset, horizon, cfg)
-        model, run = load_forecaster(run_dir)
-        # A named teacher keeps its name; a run folder is named by its run (e.g. "patchtst").
-        name = spec if not Path(spec).is_dir() else str(run.get("name", run["model"]))
-        if name in {t.name for t in teachers}:
-            name = f"{name}-{len(teachers)}"
-        trained_on = run.get("data", {}).get("dataset")
-        if trained_on is not None and resolve_dataset(trained_on)[0].name != dataset:
-            raise ValueError(f"teacher {run_dir} was trained on {trained_on}, not {dataset}")
-        if model.horizon != horizon:
-            raise ValueError(f"teacher {run_dir} forecasts {model.horizon} steps, not {horizon}")
-        if model.lookback > data.config.lookback:
-            raise ValueError(
-                f"teacher {run_dir} looks back {model.lookback} steps, more than the student's "
-                f"{data.config.lookback}: give the student a lookback >= {model.lookback}"
-            )
-        if not model.channel_independent and model_channels(run) not in (None, data.channels):
-            raise ValueError(f"teacher {run_dir} was built for other channels than {dataset}")
-        teachers.append(Teacher(name, run_dir, freeze(model), run))
-    return teachers
-
-
-def model_channels(run: dict[str, Any]) -> int | None:
-    columns = run.get("dataset", {}).get("columns")
-    return len(columns) if columns else None
-
-
-# --------------------------------------------------------------------------- teacher passes
-
-
-@dataclass
-class TeacherPass:
-    """A teacher's outputs on every window of a split: ``y [N, H, C]``, ``h [N, C, D_t] | None``."""
-
-    y: Tensor
-    h: Tensor | None
-
-
-_MEMO: OrderedDict[Hashable, TeacherPass] = OrderedDict()
-_MEMO_MAX_BYTES = 3 * 2**30  # oldest passes are dropped beyond this (features dominate)
-
-
-def clear_memo() -> None:
-    _MEMO.clear()
-
-
-@torch.no_grad()
-def teacher_pass(
-    teacher: Teacher,
-    data: PreparedData,
-    split: str,
-    features: bool,
-    max_feature_mb: float = float("inf"),
-    batch_size: int = 256,
-    progress: bool = True,
-) -> TeacherPass:
-    """Run a frozen teacher once over a split (memoised); features kept when they fit the budget."""
-    windows = data.splits[split]
-    n, c = len(windows), data.channels
-    feature_mb = n * c * teacher.model.feature_dim * 2 / 2**20  # float16
-    keep_h = features and feature_mb <= max_feature_mb
-    if features and not keep_h:
-        log.info(
-            "%s: %s features would take %.0f MB (> %.0f): recomputed per batch",
-            teacher.name,
-            split,
-            feature_mb,
-            max_feature_mb,
-        )
-    weights = teacher.run_dir / "best.safetensors"
-    key = (str(weights.resolve()), weights.stat().st_mtime_ns, data.config, split)
-    hit = _MEMO.get(key)
-    if hit is not None and (hit.h is not None or not keep_h):
-        _MEMO.move_to_end(key)
-        return TeacherPass(hit.y, hit.h if keep_h else None)
-
-    model, lookback = teacher.model, teacher.lookback
-    model.eval()
-    ys, hs = [], []
-    bar = tqdm(
-        windows.batches(batch_size),
-        desc=f"teacher {teacher.name} on {split}",
-        disable=not progress,
-        leave=False,
-        file=sys.stderr,
-        mininterval=1.0,
-    )
-    for index in bar:
-        x, _ = windows.batch(index)  # [B, L, C]
-        y, h = model.forward_features(x[:, -lookback:])  # [B, H, C], [B, C, D_t]
-        ys.append(y)
-        if keep_h:
-            hs.append(h.half())
-    out = TeacherPass(torch.cat(ys), torch.cat(hs) if keep_h else None)
-    _MEMO[key] = out
-    while len(_MEMO) > 1 and sum(map(_nbytes, _MEMO.values())) > _MEMO_MAX_BYTES:
-        _MEMO.popitem(last=False)
-    return out
-
-
-def _nbytes(p: TeacherPass) -> int:
-    return sum(t.numel() * t.element_size() for t in (p.y, p.h) if t is not None)
-
-
-def ensemble_weights(val_mse: Sequence[float], weighting: Weighting) -> Tensor:
-    """``[K]`` weights summing to 1: equal, or proportional to 1 / val MSE."""
-    if weighting == "mean":
-        return torch.full((len(val_mse),), 1.0 / len(val_mse))
-    inv = 1.0 / torch.tensor(val_mse, dtype=torch.float64)
-    return (inv / inv.sum()).float()
-
-
-def combine(preds: Sequence[Tensor], weights: Tensor) -> Tensor:
-    stacked = torch.stack(list(preds))  # [K, N, H, C]
-    return (stacked * weights.view(-1, 1, 1, 1)).sum(0)  # [N, H, C]
-
-
-def score_teachers(
-    teachers: list[Teacher], data: PreparedData, progress: bool = True
-) -> dict[str, Any]:
-    """Val/test MSE/MAE of each teacher, of the mean ensemble and of the val-weighted one."""
-    out: dict[str, Any] = {"teachers": {t.name: {} for t in teachers}, "ensemble": {}}
-    for split in ("val", "test"):
-        windows = data.splits[split]
-        _, true = windows.batch(torch.arange(len(windows)))  # [N, H, C]
-        preds = [teacher_pass(t, data, split, False, progress=progress).y for t in teachers]
-        for t, pred in zip(teachers, preds, strict=True):
-            out["teachers"][t.name][split] = metrics(pred, true, data.scaler)
-        val_mse = [out["teachers"][t.name]["val"]["mse"] for t in teachers]
-        for weighting in WEIGHTINGS:
-            w = ensemble_weights(val_mse, weighting)
-            entry = out["ensemble"].setdefault(weighting, {"weights": w.tolist()})
-            entry[split] = metrics(combine(preds, w), true, data.scaler)
-    return out
-
-
-# --------------------------------------------------------------------------- the loss
-
-
-class DistillationLoss(nn.Module):
-    """The TimeDistill objective; owns one regressor per teacher (trained with the student)."""
-
-    def __init__(
-        self,
-        cfg: DistillConfig,
-        alpha: float,
-        beta: float,
-        teacher_dims: Sequence[int],
-        student_dim: int,
-    ) -> None:
-        super().__init__()
-        self.cfg, self.alpha, self.beta = cfg, alpha, beta
-        self.regressors = nn.ModuleList(
-            Regressor(d, student_dim) for d in (teacher_dims if beta > 0 else [])
-        )
-
-    def _feature(self, h: Tensor) -> Tensor:
-        if self.cfg.feature_norm == "none":
-            return h
-        # [B, C, D] standardised along D per (window, channel) row
-        mean = h.mean(-1, keepdim=True)  # [B, C, 1]
-        std = torch.sqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-5)  # [B, C, 1]
-        return (h - mean) / std  # [B, C, D]
-
-    def _align(self, student: Tensor, teacher: Tensor, dim: int) -> dict[str, Tensor]:
-        cfg = self.cfg
-        terms = {}
-        if cfg.period:
-            terms["period"] = period_kl(teacher, student, dim, cfg.temperature, cfg.fft_norm)
-        if cfg.scale:
-            terms["scale"] = multiscale_mse(student, teacher, dim, cfg.scales, cfg.pool_kernel)
-        return terms
-
-    def forward(
-        self,
-        y_s: Tensor,
-        h_s: Tensor,
-        y: Tensor,
-        y_t: Tensor,
-        h_t: Sequence[Tensor] = (),
-    ) -> dict[str, Tensor]:
-        """Every term and ``total``.
-
-        ``y_s``, ``y``, ``y_t``: ``[B, H, C]``; ``h_s``: ``[B, C, D]``; ``h_t[k]``: ``[B, C, D_k]``.
-        """
-        terms = {"mse": F.mse_loss(y_s, y)}
-        total = terms["mse"]
-        if self.alpha > 0:
-            pred = self._align(y_s, y_t, dim=1)
-            terms.update({f"pred_{k}": v for k, v in pred.items()})
-            total = total + self.alpha * sum(pred.values(), torch.zeros(()))
-        if self.beta > 0:
-            if len(h_t) != len(self.regressors):
-                n_reg = len(self.regressors)
-                raise ValueError(f"{len(h_t)} teacher features for {n_reg} regressors")
-            feat: dict[str, Tensor] = {}
-            student = self._feature(h_s)
-            for regressor, h in zip(self.regressors, h_t, strict=True):
-                for k, v in self._align(student, self._feature(regressor(h.float())), -1).items():
-                    feat[k] = feat.get(k, torch.zeros(())) + v / len(self.regressors)
-            terms.update({f"feat_{k}": v for k, v in feat.items()})
-            total = total + self.beta * sum(feat.values(), torch.zeros(()))
-        terms["total"] = total
-        return terms
-
-
 # --------------------------------------------------------------------------- training
-
-
-@dataclass
-class TeacherBatch:
-    y: Tensor  # [B, H, C] the (ensemble) target
-    h: list[Tensor]  # [B, C, D_k] per teacher, or empty without feature terms
-
-
-class TeacherWindows(WindowSet):
-    """Training windows that also gather the teachers' cached outputs for each batch.
-
-    ``fit`` hands the objective ``(x, y)`` only; this split records the batch it just served in
-    ``current`` so the objective can look up the teachers' outputs by window index. Features that
-    were too large to cache are recomputed here from ``x``.
-    """
-
-    def __init__(
-        self,
-        base: WindowSet,
-        target: Tensor,
-        features: Sequence[Tensor | None],
-        teachers: Sequence[Teacher],
-    ) -> None:
-        super().__init__(base.series.numpy(), base.lookback, base.horizon, base.start_row)
-        self.target = target  # [N, H, C]
-        self.features = list(features)  # [N, C, D_k] float16 | None per teacher
-        self.teachers = list(teachers)
-        self.current: TeacherBatch | None = None
-
-    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        x, y = super().batch(index)  # [B, L, C], [B, H, C]
-        h: list[Tensor] = []
-        for cached, t in zip(self.features, self.teachers, strict=True):
-            if cached is not None:
-                h.append(cached[index])
-            else:
-                with torch.no_grad():
-                    h.append(t.model.forward_features(x[:, -t.lookback :])[1])  # [B, C, D_k]
-        self.current = TeacherBatch(self.target[index], h)
-        return x, y
 
 
 @dataclass
@@ -609,6 +264,8 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
     alpha, beta = dcfg.alpha_beta(data.info.name)
     name = dcfg.student_name([t.name for t in teachers])
     progress = train_cfg.progress
+    out_dir = cfg.resolved_out_dir(name)
+    spill_dir = out_dir / "teacher-cache"  # features beyond cache_max_mb; removed at the end
 
     t0 = time.perf_counter()
     scores = score_teachers(teachers, data, progress) if dcfg.evaluate_teachers else None
@@ -616,7 +273,15 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
     weights = ensemble_weights(val_mse or [1.0] * len(teachers), dcfg.weighting)
     budget = dcfg.cache_max_mb if dcfg.cache else -1.0
     passes = [
-        teacher_pass(t, data, "train", features=beta > 0, max_feature_mb=budget, progress=progress)
+        teacher_pass(
+            t,
+            data,
+            "train",
+            features=beta > 0,
+            max_feature_mb=budget,
+            spill_dir=spill_dir if dcfg.cache else None,
+            progress=progress,
+        )
         for t in teachers
     ]
     target = combine([p.y for p in passes], weights)  # [N, H, C]
@@ -630,7 +295,7 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
         "mlp", lookback=run.data.lookback, horizon=run.data.horizon, **run.model_settings
     )
     criterion = DistillationLoss(
-        dcfg, alpha, beta, [t.model.feature_dim for t in teachers], student.feature_dim
+        dcfg.loss, alpha, beta, [t.model.feature_dim for t in teachers], student.feature_dim
     )
     trainable = nn.ModuleDict({"student": student, "criterion": criterion})
     windows = TeacherWindows(data.splits["train"], target, features, feature_teachers)
@@ -650,7 +315,6 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
         if scores:
             info["val_mse"] = scores["teachers"][info["name"]]["val"]["mse"]
             info["test_mse"] = scores["teachers"][info["name"]]["test"]["mse"]
-    out_dir = cfg.resolved_out_dir(name)
     run_info = {
         "model": "mlp",
         "name": name,
@@ -673,17 +337,22 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
         [t.name for t in teachers],
         out_dir,
     )
-    result = fit(
-        student,
-        train_data,
-        train_cfg,
-        out_dir,
-        loss_fn=objective,
-        trainable=trainable,
-        run_info=run_info,
-        resume=cfg.resume,
-        desc=name,
-    )
+    try:
+        result = fit(
+            student,
+            train_data,
+            train_cfg,
+            out_dir,
+            loss_fn=objective,
+            trainable=trainable,
+            run_info=run_info,
+            resume=cfg.resume,
+            desc=name,
+        )
+    finally:
+        windows.features.clear()  # drop the memory maps before their files go
+        del passes
+        shutil.rmtree(spill_dir, ignore_errors=True)
     return DistillResult(
         name,
         result,
@@ -700,17 +369,8 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
 __all__ = [
     "DATASET_DEFAULTS",
     "DistillConfig",
+    "DistillResult",
     "DistillRunConfig",
-    "DistillationLoss",
-    "Regressor",
-    "Teacher",
     "build_distill_config",
-    "frequency_log_softmax",
-    "load_teachers",
-    "multiscale_mse",
-    "period_kl",
-    "pool_pyramid",
     "run_distill",
-    "score_teachers",
-    "teacher_pass",
 ]

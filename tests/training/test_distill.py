@@ -13,19 +13,19 @@ from safetensors.torch import save_file
 from training.checkpoints import load_forecaster
 from training.cli import main
 from training.data import DataConfig, prepare
-from training.distill import (
+from training.distill import DistillConfig, build_distill_config, run_distill
+from training.distill_losses import (
     DistillationLoss,
-    DistillConfig,
-    TeacherWindows,
-    build_distill_config,
-    ensemble_weights,
     frequency_log_softmax,
-    load_teachers,
     multiscale_mse,
     period_kl,
     pool_pyramid,
+)
+from training.distill_teachers import (
+    TeacherWindows,
+    ensemble_weights,
+    load_teachers,
     resolve_teacher_dir,
-    run_distill,
     teacher_pass,
 )
 from training.models import build_model
@@ -129,8 +129,17 @@ def test_primitives_are_zero_on_equal_inputs_and_positive_otherwise() -> None:
     assert float(multiscale_mse(a, b, dim=1)) > 0
 
 
+def test_period_kl_mean_reduction_is_the_sum_over_the_frequency_count() -> None:
+    a, b = torch.randn(4, 96, 3), torch.randn(4, 96, 3)
+    summed = period_kl(a, b, dim=1)
+    mean = period_kl(a, b, dim=1, reduction="mean")
+    assert float(mean) == pytest.approx(float(summed) / 48, rel=1e-5)  # 96 // 2 non-DC bins
+
+
 def make_criterion(**values: object) -> DistillationLoss:
-    return DistillationLoss(DistillConfig(**values), 2.0, 2.0, teacher_dims=[24], student_dim=16)
+    return DistillationLoss(
+        DistillConfig(**values).loss, 2.0, 2.0, teacher_dims=[24], student_dim=16
+    )
 
 
 def test_each_loss_term_is_zero_when_student_equals_teacher() -> None:
@@ -186,7 +195,7 @@ def test_ablations_drop_their_terms() -> None:
     assert set(no_scale) == {"mse", "pred_period", "feat_period", "total"}
     cfg = DistillConfig(feature_terms=False)
     assert cfg.alpha_beta("ETTh1") == (2.0, 0.0)
-    no_features = DistillationLoss(cfg, *cfg.alpha_beta("ETTh1"), [24], 16)
+    no_features = DistillationLoss(cfg.loss, *cfg.alpha_beta("ETTh1"), [24], 16)
     assert len(no_features.regressors) == 0
     assert set(no_features(y, h_s, y, y)) == {"mse", "pred_period", "pred_scale", "total"}
 
@@ -246,7 +255,7 @@ def test_gradients_never_reach_the_teachers(teacher_root: Path, data) -> None:
     windows = TeacherWindows(data.splits["train"], cached.y, [cached.h, None], teachers)
     student = build_model("mlp", lookback=L_S, horizon=H, hidden=16)
     criterion = DistillationLoss(
-        dcfg(teacher_root), 2.0, 2.0, [t.model.feature_dim for t in teachers], 16
+        dcfg(teacher_root).loss, 2.0, 2.0, [t.model.feature_dim for t in teachers], 16
     )
     params = [*student.parameters(), *criterion.parameters()]
     optim = torch.optim.Adam(params, lr=0.1)
@@ -262,6 +271,30 @@ def test_gradients_never_reach_the_teachers(teacher_root: Path, data) -> None:
     assert all(p.grad is not None for p in criterion.parameters())
 
 
+def test_features_beyond_the_memory_budget_are_memory_mapped_not_recomputed(
+    teacher_root: Path, data, tmp_path: Path
+) -> None:
+    teacher = load_teachers(data, dcfg(teacher_root))[0]
+    in_memory = teacher_pass(teacher, data, "train", features=True, progress=False)
+    spilled = teacher_pass(
+        teacher, data, "train", True, max_feature_mb=0, spill_dir=tmp_path, progress=False
+    )
+    dropped = teacher_pass(teacher, data, "train", True, max_feature_mb=0, progress=False)
+    assert spilled.spilled and not in_memory.spilled and dropped.h is None
+    assert in_memory.h is not None and spilled.h is not None
+    assert spilled.h.dtype == torch.float16
+    assert (tmp_path / "ta-train-features.f16").stat().st_size == spilled.h.numel() * 2
+    torch.testing.assert_close(spilled.h, in_memory.h, rtol=0, atol=0)
+    torch.testing.assert_close(spilled.y, in_memory.y, rtol=0, atol=0)
+    # Served from the map: a teacher-less TeacherWindows would fail if it had to recompute.
+    windows = TeacherWindows(data.splits["train"], spilled.y, [spilled.h], [])
+    windows.teachers = [None]  # type: ignore[list-item]  # never called: the feature is cached
+    index = torch.tensor([5, 700, 3])
+    windows.batch(index)
+    assert windows.current is not None
+    torch.testing.assert_close(windows.current.h[0], in_memory.h[index], rtol=0, atol=0)
+
+
 def test_a_distillation_step_lowers_the_total_loss_on_real_windows(
     teacher_root: Path, data
 ) -> None:
@@ -273,7 +306,7 @@ def test_a_distillation_step_lowers_the_total_loss_on_real_windows(
     y_t = torch.stack([o[0] for o in outs]).mean(0)  # [64, H, 7] the ensemble target
     h_t = [o[1] for o in outs]
     student = build_model("mlp", lookback=L_S, horizon=H, hidden=32)
-    criterion = DistillationLoss(DistillConfig(), 2.0, 2.0, [h.shape[-1] for h in h_t], 32)
+    criterion = DistillationLoss(DistillConfig().loss, 2.0, 2.0, [h.shape[-1] for h in h_t], 32)
     optim = torch.optim.Adam([*student.parameters(), *criterion.parameters()], lr=1e-3)
     student.train()
     losses = []
@@ -319,6 +352,36 @@ def test_run_distill_writes_a_loadable_student(teacher_root: Path, tmp_path: Pat
     summary = result.summary()
     assert summary["teachers"][0] == {"name": "ta", "lookback": L_T}
     assert summary["mse"] == pytest.approx(run["test"]["mse"])
+
+
+def test_a_spilled_cache_trains_the_same_student_and_leaves_no_files(
+    teacher_root: Path, tmp_path: Path
+) -> None:
+    def run(out: Path, **distill: object) -> dict[str, torch.Tensor]:
+        cfg = build_distill_config(
+            data={"dataset": "ETTh1", "lookback": L_S, "horizon": H},
+            train={**QUICK, "epochs": 2, "max_train_batches": 3},
+            distill={
+                "teachers": ("ta",),
+                "teacher_dir": str(teacher_root),
+                "teacher_lookback": L_T,
+                "evaluate_teachers": False,
+                **distill,
+            },
+            model_settings={"hidden": 16},
+            out_dir=str(out),
+        )
+        run_distill(cfg)
+        assert not (out / "teacher-cache").exists()
+        return load_forecaster(out)[0].state_dict()
+
+    memory = run(tmp_path / "memory")
+    spilled = run(tmp_path / "spilled", cache_max_mb=0)
+    recomputed = run(tmp_path / "recomputed", cache=False)
+    for k, v in memory.items():
+        torch.testing.assert_close(spilled[k], v, rtol=0, atol=0)
+        # Recomputed features are float32, not the cache's float16: close, not equal.
+        torch.testing.assert_close(recomputed[k], v, rtol=1e-2, atol=1e-3)
 
 
 def test_cli_prints_the_metrics_as_the_last_json_line(

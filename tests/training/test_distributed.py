@@ -125,3 +125,22 @@ def test_bad_settings_are_refused_naming_them() -> None:
         DistributedConfig(cpus_per_worker=0)
     with pytest.raises(ValueError, match="max_failures"):
         DistributedConfig(max_failures=-2)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--workers", "2", "--cpus-per-worker", "0"], "cpus_per_worker must be >= 1"),
+        (["--storage", "/tmp/x", "--max-failures", "-2"], "max_failures must be >= -1"),
+    ],
+)
+def test_the_cli_hands_its_worker_flags_to_ray_train_and_names_a_bad_one(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Any worker flag (not only --workers) routes `train` to run_distributed, which refuses
+    a bad setting by name before starting Ray."""
+    from training.cli import main
+
+    argv = ["train", "--model", "mlp", "--dataset", "ETTh1", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--no-progress", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -189,15 +189,6 @@ class Encoder(nn.Module):
         return x
 
 
-def sinusoidal_positions(length: int, d_model: int) -> Tensor:
-    pos = torch.arange(length, dtype=torch.float32)[:, None]  # [T, 1]
-    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(1e4) / d_model))
-    pe = torch.zeros(length, d_model)
-    pe[:, 0::2] = torch.sin(pos * div)
-    pe[:, 1::2] = torch.cos(pos * div[: d_model // 2])
-    return pe  # [T, D]
-
-
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     """Momentum teacher: ``t <- decay * t + (1 - decay) * s`` for parameters; buffers copied.
