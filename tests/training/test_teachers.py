@@ -174,6 +174,36 @@ def test_himtm_teacher_gives_targets_without_gradient(teacher: str) -> None:
         assert any(p.grad is not None for p in pre.backbone.parameters())
 
 
+@pytest.mark.parametrize("teacher", ["shared", "ema"])
+def test_himtm_per_level_distillation_loss_uses_the_configured_target(teacher: str) -> None:
+    """L_D,i compares the regressor's prediction with the configured teacher's features: the
+    shared encoder itself (stop-gradient, eval mode) or its momentum copy, never the other."""
+    import torch.nn.functional as F
+
+    pre = himtm.build_pretrainer(tiny_config("himtm", teacher=teacher, dropout=0.3))
+    with torch.no_grad():  # the student moves away from the EMA copy made at construction
+        for p in pre.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    calls: list[tuple[str, bool, list[torch.Tensor]]] = []
+    for label, module in (("backbone", pre.backbone), ("ema", pre.ema_teacher)):
+        if module is not None:
+            module.register_forward_hook(
+                lambda m, _a, out, label=label: calls.append((label, m.training, out[0]))
+            )
+    preds: dict[int, torch.Tensor] = {}
+    for i, reg in enumerate(pre.regressors):
+        reg.register_forward_hook(lambda _m, _a, out, i=i: preds.__setitem__(i, out))
+    _, parts = pre(sines(8))
+    # First call: the student (training mode); second: the target encoder, in eval mode.
+    assert [c[0] for c in calls] == ["backbone", "backbone" if teacher == "shared" else "ema"]
+    assert calls[0][1] and not calls[1][1]
+    targets = calls[1][2]
+    assert all(not t.requires_grad for t in targets)
+    for i in range(pre.cfg.n_levels):
+        expected = F.mse_loss(preds[i], F.layer_norm(targets[i], targets[i].shape[-1:]))
+        torch.testing.assert_close(parts[f"distill_{i}"], expected.detach())
+
+
 # --- DMAE ----------------------------------------------------------------------------------------
 
 
@@ -211,6 +241,27 @@ def test_dmae_teacher_gets_no_gradient_and_follows_the_student() -> None:
     teacher, student = pre.teacher.parameters(), pre.backbone.parameters()
     for old, new, stu in zip(before, teacher, student, strict=True):
         torch.testing.assert_close(new, 0.99 * old + 0.01 * stu)
+
+
+def test_dmae_decode_path_shapes_and_losses_cover_the_hidden_values_only() -> None:
+    cfg = tiny_config("dmae")
+    pre = dmae.build_pretrainer(cfg)
+    out: dict[str, torch.Tensor] = {}
+    pre.recon_head.register_forward_hook(lambda _m, _a, o: out.__setitem__("recon", o))
+    pre.query.register_forward_hook(lambda _m, _a, o: out.__setitem__("query", o))
+    pre.teacher.register_forward_hook(lambda _m, _a, o: out.__setitem__("teacher", o))
+    x = sines(6)  # [6, L, 3]: 18 series
+    torch.manual_seed(1)
+    _, parts = pre(x)
+    n, tokens = 18, pre.backbone.n_patches
+    assert out["recon"].shape == (n, tokens, cfg.patch_len)  # a patch of values per token
+    assert out["query"].shape == out["teacher"].shape == (n, tokens, cfg.d_model)
+    torch.manual_seed(1)  # the same mask
+    z, hidden, _ = pre.complementary_inputs(x.transpose(1, 2).reshape(n, L))
+    recon = out["recon"].reshape(n, -1)[:, pre.backbone.pad :]  # [N, L]
+    # Reconstruction: MSE over the hidden values, and only them.
+    expected = ((recon - z)[hidden] ** 2).mean()
+    torch.testing.assert_close(parts["reconstruction"], expected.detach())
 
 
 # --- every method --------------------------------------------------------------------------------
