@@ -1,13 +1,29 @@
-"""Teachers at the papers' budgets: masked pretraining, then fine-tuning, one resumable run each.
+"""Teachers at the papers' budgets: masked pretraining, fine-tuning, ensembles, one run each.
 
-Every (method, dataset) pretraining and every (cell, init, seed) fine-tuning is its own run
-folder under ``--work`` (default ``bench/checkpoints``, committed: the encoders and the resume
-state of unfinished runs are small and let a later session continue where this one stopped).
-Runs resume (``last.pt``); a finished run is skipped. Each finished fine-tuning appends one record
-to ``bench/results/teachers.json``.
+Every (method, dataset) pretraining and every (cell, init, protocol, seed) fine-tuning is its own
+run folder under ``--work`` (default ``bench/checkpoints``, committed: the encoders and the
+resume state of unfinished runs are small, so a later session continues where this one stopped).
+Runs resume (``last.pt``); a run with a record is skipped. Stages:
 
-    python bench/teachers.py pretrain --datasets ETTh1,ETTh2 --methods himtm,dmae,simmtm \\
-        --threads 2 --time-limit 3600
+* ``pretrain``: each method's encoder per dataset (one per method and dataset, as the papers do;
+  lookback 336), until the validation pretext loss stops improving (``[pretrain]`` budgets);
+* ``protocol``: the fine-tuning protocol of each method, chosen on the validation MSE of
+  ETTh1-96, seed 0 (never on test): for pretrained encoders the scratch recipe (lr 1e-3 on the
+  whole network), a one-epoch head-only warm-up then the encoder at 0.1x the head's lr, or lr
+  1e-4 throughout; for the scratch twins lr 1e-3 or 1e-4. Records (validation MSE only) go to
+  ``bench/results/teacher_protocols.json``; every later run uses the chosen protocol;
+* ``finetune``: the cells (ETTh1/ETTh2 x H 96/336 x method x pretrained/scratch x seeds 0-2);
+* ``supervised``: PatchTST, the supervised reference, per cell and seed;
+* ``ensemble``: the three pretrained teachers of a seed, mean or validation-weighted (whichever
+  has the lower validation MSE in that cell and seed).
+
+Each finished run appends one record to ``bench/results/teachers.json`` (fields in
+``RECORD_FIELDS``, plus the protocol, validation MSE and every budget); ``report`` writes
+``bench/results/teachers.md``. A typical session::
+
+    python bench/teachers.py run --time-limit 9000     # every stage, in priority order
+    python bench/teachers.py pretrain --methods simmtm --datasets ETTh2 --time-limit 3600
+    python bench/teachers.py report
 
 ``--time-limit`` stops between epochs once that many seconds have passed (the run stays
 resumable), so a job never outlives the session that started it.
@@ -18,20 +34,114 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.config import default_config_path  # noqa: E402
-from training.pretrain import build_pretrain_config, run_pretrain  # noqa: E402
+from training.config import build_run_config, default_config_path  # noqa: E402
+from training.data import prepare  # noqa: E402
+from training.distill import DistillConfig  # noqa: E402
+from training.distill_teachers import load_teachers, score_teachers  # noqa: E402
+from training.pretrain import (  # noqa: E402
+    FinetuneRunConfig,
+    build_pretrain_config,
+    run_finetune,
+    run_pretrain,
+)
+from training.train import run_train  # noqa: E402
 
 log = logging.getLogger("bench.teachers")
 WORK = REPO / "bench" / "checkpoints"
 DATA_DIR = REPO.parent / "shared" / "data"
+RESULTS = REPO / "bench" / "results"
+RECORDS = "teachers.json"  # in --results
+PROTOCOL_RECORDS = "teacher_protocols.json"
+# --smoke: the whole queue at toy budgets (tests; records say so in max_train_batches).
+SMOKE_TRAIN = {"epochs": 1, "max_train_batches": 2, "eval_batch_size": 256}
+SMOKE_PRETRAIN = {"epochs": 1, "min_epochs": 0, "max_train_batches": 2, "val_max_windows": 64}
+
+METHODS = ("simmtm", "himtm", "dmae")
+INITS = ("pretrained", "scratch")
+DATASETS = ("ETTh1", "ETTh2")
+HORIZONS = (96, 336)
+SEEDS = (0, 1, 2)
+LOOKBACK = 336
+# Fine-tuning protocols (overrides of the method's [train] table) and where they are chosen.
+PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
+    "pretrained": {
+        "lr1e-3": {"lr": 1e-3},
+        "warmup-enc0.1": {"lr": 1e-3, "head_warmup_epochs": 1, "encoder_lr_scale": 0.1},
+        "lr1e-4": {"lr": 1e-4},
+    },
+    "scratch": {"lr1e-3": {"lr": 1e-3}, "lr1e-4": {"lr": 1e-4}},
+}
+SELECTION = ("ETTh1", 96, 0)  # dataset, horizon, seed whose validation MSE picks the protocol
+RECORD_FIELDS = (
+    "dataset",
+    "horizon",
+    "lookback",
+    "model",
+    "init",
+    "seed",
+    "mse",
+    "mae",
+    "epochs",
+    "best_epoch",
+    "pretrain_epochs",
+    "pretrain_seconds",
+    "finetune_seconds",
+    "max_train_batches",
+)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def load_records(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r["dataset"], r["horizon"], r["model"], r["init"], r["seed"], r.get("protocol", ""))
+
+
+def save_record(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` (replacing one with the same key), atomically."""
+    records = [r for r in load_records(path) if record_key(r) != record_key(record)]
+    records.append(record)
+    records.sort(key=lambda r: tuple(str(v) for v in record_key(r)))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def has_record(path: Path, **key: Any) -> bool:
+    return any(all(r.get(k) == v for k, v in key.items()) for r in load_records(path))
+
+
+def chosen_protocol(init: str, method: str, path: Path) -> str | None:
+    """The protocol of lowest validation MSE on the selection cell, once every one has run."""
+    dataset, horizon, seed = SELECTION
+    runs = {
+        r["protocol"]: r["val_mse"]
+        for r in load_records(path)
+        if (r["dataset"], r["horizon"], r["seed"], r["model"], r["init"])
+        == (dataset, horizon, seed, method, init)
+    }
+    if set(runs) != set(PROTOCOLS[init]):
+        return None
+    return min(runs, key=runs.__getitem__)
+
+
+# --------------------------------------------------------------------------- runs
 
 
 def config_for(method: str, dataset: str) -> Path:
@@ -40,39 +150,574 @@ def config_for(method: str, dataset: str) -> Path:
     return specific if specific.exists() else default_config_path(method)
 
 
-def pretrain_dir(work: Path, method: str, dataset: str, lookback: int) -> Path:
+def pretrain_dir(work: Path, method: str, dataset: str, lookback: int = LOOKBACK) -> Path:
     return work / f"{dataset}-{method}-L{lookback}-pretrain"
 
 
-def cmd_pretrain(a: argparse.Namespace) -> list[dict[str, Any]]:
-    started = time.monotonic()
-    done = []
-    for dataset in a.datasets.split(","):
-        for method in a.methods.split(","):
-            left = None if a.time_limit is None else a.time_limit - (time.monotonic() - started)
-            if left is not None and left <= 0:
-                log.info("time limit reached before %s %s", method, dataset)
-                return done
-            out = pretrain_dir(a.work, method, dataset, a.lookback)
-            cfg = build_pretrain_config(
-                method,
-                config_for(method, dataset),
-                data={"dataset": dataset, "data_dir": str(a.data_dir), "lookback": a.lookback},
-                pretrain={
-                    "threads": a.threads,
-                    "progress": not a.no_progress,
-                    "time_limit_s": left,
-                },
-                out_dir=str(out),
-                resume=True,
+def pretrain_meta(work: Path, method: str, dataset: str) -> dict[str, Any] | None:
+    """The finished pretraining's ``pretrain.json``, else None."""
+    path = pretrain_dir(work, method, dataset) / "pretrain.json"
+    if not path.exists():
+        return None
+    meta: dict[str, Any] = json.loads(path.read_text())
+    return meta if meta.get("finished") else None
+
+
+def finetune_dir(work: Path, c: Cell, method: str, init: str, protocol: str, seed: int) -> Path:
+    return work / f"{c.dataset}-{method}-L{LOOKBACK}-H{c.horizon}-{init}-{protocol}-s{seed}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    horizon: int
+
+
+@dataclass
+class Budget:
+    """What one invocation may spend; ``left()`` is None without a limit."""
+
+    limit: float | None
+    started: float = field(default_factory=time.monotonic)
+
+    def left(self) -> float | None:
+        return None if self.limit is None else self.limit - (time.monotonic() - self.started)
+
+    def spent(self) -> bool:
+        left = self.left()
+        return left is not None and left <= 0
+
+
+def _data(a: argparse.Namespace, c: Cell) -> dict[str, Any]:
+    return {
+        "dataset": c.dataset,
+        "data_dir": str(a.data_dir),
+        "lookback": LOOKBACK,
+        "horizon": c.horizon,
+    }
+
+
+def _train(a: argparse.Namespace, budget: Budget, seed: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "threads": a.threads,
+        "progress": not a.no_progress,
+        "seed": seed,
+        "time_limit_s": budget.left(),
+        **(SMOKE_TRAIN if a.smoke else {}),
+        **extra,
+    }
+
+
+def pretrain_one(a: argparse.Namespace, budget: Budget, method: str, dataset: str) -> bool:
+    """Pretrain (or continue) one encoder; True when it finished."""
+    cfg = build_pretrain_config(
+        method,
+        config_for(method, dataset),
+        data={"dataset": dataset, "data_dir": str(a.data_dir), "lookback": LOOKBACK},
+        pretrain={
+            "threads": a.threads,
+            "progress": not a.no_progress,
+            "time_limit_s": budget.left(),
+            **(SMOKE_PRETRAIN if a.smoke else {}),
+        },
+        out_dir=str(pretrain_dir(a.work, method, dataset)),
+        resume=True,
+    )
+    result = run_pretrain(cfg)
+    log.info("%s", json.dumps({"method": method, "dataset": dataset, **result.summary()}))
+    return result.loop.finished
+
+
+def finetune_one(
+    a: argparse.Namespace,
+    budget: Budget,
+    c: Cell,
+    method: str,
+    init: str,
+    protocol: str,
+    seed: int,
+) -> dict[str, Any] | None:
+    """Fine-tune one teacher; its record, or None when the time limit stopped it."""
+    meta = pretrain_meta(a.work, method, c.dataset) if init == "pretrained" else None
+    if init == "pretrained" and meta is None:
+        raise RuntimeError(f"{method} on {c.dataset} is not pretrained yet")
+    out = finetune_dir(a.work, c, method, init, protocol, seed)
+    run = build_run_config(
+        method,
+        config_for(method, c.dataset),
+        _data(a, c),
+        _train(a, budget, seed, **PROTOCOLS[init][protocol]),
+        out_dir=str(out),
+    )
+    init_from = str(pretrain_dir(a.work, method, c.dataset)) if meta else None
+    fit = run_finetune(FinetuneRunConfig(run, init_from=init_from, resume=True))
+    if not fit.finished:
+        return None
+    pre = (meta or {}).get("pretrain", {})
+    return {
+        "dataset": c.dataset,
+        "horizon": c.horizon,
+        "lookback": LOOKBACK,
+        "model": method,
+        "init": init,
+        "seed": seed,
+        "mse": round(fit.test["mse"], 5),
+        "mae": round(fit.test["mae"], 5),
+        "epochs": fit.epochs_run,
+        "best_epoch": fit.best_epoch,
+        "pretrain_epochs": len(meta["history"]) if meta else None,
+        "pretrain_best_epoch": meta.get("best_epoch") if meta else None,
+        "pretrain_seconds": round(meta["seconds"], 1) if meta else None,
+        "finetune_seconds": round(fit.train_seconds, 1),
+        "max_train_batches": run.train.max_train_batches,
+        "val_mse": round(fit.val["mse"], 5),
+        "protocol": protocol,
+        "budget": {
+            "pretrain": {
+                k: pre.get(k)
+                for k in (
+                    "epochs",
+                    "min_epochs",
+                    "patience",
+                    "batch_size",
+                    "lr",
+                    "max_train_batches",
+                )
+            }
+            if meta
+            else None,
+            "finetune": {
+                k: getattr(run.train, k)
+                for k in (
+                    "epochs",
+                    "patience",
+                    "batch_size",
+                    "lr",
+                    "lr_schedule",
+                    "encoder_lr_scale",
+                    "head_warmup_epochs",
+                    "max_train_batches",
+                )
+            },
+        },
+        "run": str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out),
+    }
+
+
+def supervised_one(
+    a: argparse.Namespace, budget: Budget, c: Cell, seed: int
+) -> dict[str, Any] | None:
+    out = a.work / f"{c.dataset}-patchtst-L{LOOKBACK}-H{c.horizon}-s{seed}"
+    run = build_run_config("patchtst", None, _data(a, c), _train(a, budget, seed), out_dir=str(out))
+    fit = run_train(run, resume=True)
+    if not fit.finished:
+        return None
+    return {
+        "dataset": c.dataset,
+        "horizon": c.horizon,
+        "lookback": LOOKBACK,
+        "model": "patchtst",
+        "init": "",
+        "seed": seed,
+        "mse": round(fit.test["mse"], 5),
+        "mae": round(fit.test["mae"], 5),
+        "epochs": fit.epochs_run,
+        "best_epoch": fit.best_epoch,
+        "pretrain_epochs": None,
+        "pretrain_seconds": None,
+        "finetune_seconds": round(fit.train_seconds, 1),
+        "max_train_batches": run.train.max_train_batches,
+        "val_mse": round(fit.val["mse"], 5),
+        "budget": {
+            "finetune": {
+                k: getattr(run.train, k)
+                for k in (
+                    "epochs",
+                    "patience",
+                    "batch_size",
+                    "lr",
+                    "lr_schedule",
+                    "max_train_batches",
+                )
+            }
+        },
+        "run": str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out),
+    }
+
+
+def ensemble_one(a: argparse.Namespace, c: Cell, seed: int, runs: list[Path]) -> dict[str, Any]:
+    """Score the mean and the validation-weighted ensemble; keep the one better on validation."""
+    data = prepare(build_run_config("mlp", None, _data(a, c)).data)
+    teachers = load_teachers(data, DistillConfig(teachers=tuple(str(r) for r in runs)))
+    scores = score_teachers(teachers, data, progress=not a.no_progress)["ensemble"]
+    weighting = min(scores, key=lambda w: scores[w]["val"]["mse"])
+    chosen = scores[weighting]
+    return {
+        "dataset": c.dataset,
+        "horizon": c.horizon,
+        "lookback": LOOKBACK,
+        "model": "ensemble",
+        "init": "",
+        "seed": seed,
+        "mse": round(chosen["test"]["mse"], 5),
+        "mae": round(chosen["test"]["mae"], 5),
+        "epochs": None,
+        "best_epoch": None,
+        "pretrain_epochs": None,
+        "pretrain_seconds": None,
+        "finetune_seconds": None,
+        "max_train_batches": None,
+        "val_mse": round(chosen["val"]["mse"], 5),
+        "weighting": weighting,
+        "weights": [round(w, 4) for w in chosen["weights"]],
+        "val_mse_by_weighting": {w: round(s["val"]["mse"], 5) for w, s in scores.items()},
+        "members": [str(r.relative_to(REPO)) if r.is_relative_to(REPO) else str(r) for r in runs],
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+# PatchTST/64's published test MSE (Nie et al., 2023, Table 3; L = 512) per (dataset, horizon).
+PUBLISHED_PATCHTST64 = {
+    ("ETTh1", 96): 0.370,
+    ("ETTh1", 336): 0.422,
+    ("ETTh2", 96): 0.274,
+    ("ETTh2", 336): 0.329,
+}
+ROWS = [*((m, i) for m in METHODS for i in INITS), ("patchtst", ""), ("ensemble", "")]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m, sd = mean_std(values)
+    return f"{m:.4f} ± {sd:.4f} ({len(values)})"
+
+
+def paired(records: list[dict[str, Any]], c: Cell, method: str) -> list[float]:
+    """pretrained - scratch test MSE per seed both have."""
+    by = {
+        (r["init"], r["seed"]): r["mse"]
+        for r in records
+        if (r["dataset"], r["horizon"], r["model"]) == (c.dataset, c.horizon, method)
+    }
+    return [
+        by[("pretrained", s)] - by[("scratch", s)]
+        for s in sorted({s for _, s in by})
+        if ("pretrained", s) in by and ("scratch", s) in by
+    ]
+
+
+def write_plots(work: Path, out: Path, protocols: Path) -> list[str]:
+    """Pretraining and fine-tuning curves (train/val loss per epoch) of each method on ETTh1."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("report: the curves need matplotlib (pip install -e '.[plot]')") from exc
+    written = []
+    for method in METHODS:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        meta_path = pretrain_dir(work, method, "ETTh1") / "pretrain.json"
+        ax = axes[0]
+        if meta_path.exists():
+            hist = json.loads(meta_path.read_text())["history"]
+            ep = [h["epoch"] for h in hist]
+            ax.plot(ep, [h["train_loss"] for h in hist], label="train")
+            ax.plot(ep, [h["val_loss"] for h in hist], label="val")
+            ax.legend()
+        ax.set(title=f"{method} pretraining (ETTh1)", xlabel="epoch", ylabel="pretext loss")
+        ax = axes[1]
+        for init in INITS:
+            protocol = chosen_protocol(init, method, protocols)
+            run = finetune_dir(work, Cell("ETTh1", 96), method, init, protocol or "", 0)
+            if protocol is None or not (run / "run.json").exists():
+                continue
+            hist = json.loads((run / "run.json").read_text()).get("history", [])
+            ep = [h["epoch"] for h in hist]
+            line = ax.plot(ep, [h["train_loss"] for h in hist], label=f"{init} train")[0]
+            ax.plot(
+                ep,
+                [h["val_mse"] for h in hist],
+                "--",
+                color=line.get_color(),
+                label=f"{init} val MSE",
             )
-            result = run_pretrain(cfg)
-            summary = {"method": method, "dataset": dataset, **result.summary()}
-            log.info("%s", json.dumps(summary))
-            done.append(summary)
-            if not result.loop.finished:
-                return done
-    return done
+        ax.set(title=f"{method} fine-tuning (ETTh1-96, seed 0)", xlabel="epoch", ylabel="loss")
+        if ax.lines:
+            ax.legend()
+        fig.tight_layout()
+        name = f"teachers-{method}-etth1.png"
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def write_report(results: Path = RESULTS, work: Path = WORK, plots: bool = True) -> int:
+    """``teachers.md`` (and the curves' PNGs) in ``results`` from its records."""
+    records = load_records(results / RECORDS)
+    protocols_path = results / PROTOCOL_RECORDS
+    lines = [
+        "# Teachers at the papers' budgets",
+        "",
+        "Test MSE / MAE on the z-scored scale (standard split, L = 336), mean ± std over seeds "
+        "(n in brackets). Every choice (fine-tuning protocol, ensemble weighting) was made on the "
+        "validation split. Reproduce: `python bench/teachers.py run` (resumable; "
+        "`--time-limit` per session) then `python bench/teachers.py report`.",
+        "",
+    ]
+    wins = total = 0
+    for c in [Cell(d, h) for h in HORIZONS for d in DATASETS]:
+        cell = [r for r in records if (r["dataset"], r["horizon"]) == (c.dataset, c.horizon)]
+        if not cell:
+            continue
+        ref = PUBLISHED_PATCHTST64[(c.dataset, c.horizon)]
+        lines += [
+            f"## {c.dataset}, H = {c.horizon}",
+            "",
+            "| model | init | test MSE | test MAE | val MSE | epochs (best) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for model, init in ROWS:
+            rs = [r for r in cell if r["model"] == model and r["init"] == init]
+            if not rs:
+                continue
+            best = ", ".join(f"{r['epochs']} ({r['best_epoch']})" for r in rs if r["epochs"])
+            lines.append(
+                f"| {model} | {init or '-'} | {_fmt([r['mse'] for r in rs])} | "
+                f"{_fmt([r['mae'] for r in rs])} | {_fmt([r['val_mse'] for r in rs])} | "
+                f"{best or '-'} |"
+            )
+        lines += [
+            f"| PatchTST/64 (published, L = 512) | | {ref:.3f} | | | |",
+            "",
+            "Pretrained minus scratch, test MSE, paired by seed (negative: pretraining "
+            "helps; a mean inside its spread is not a win):",
+            "",
+        ]
+        for method in METHODS:
+            diffs = paired(records, c, method)
+            if not diffs:
+                continue
+            m, sd = mean_std(diffs)
+            total += 1
+            verdict = (
+                "helps"
+                if m < 0 and m + sd < 0
+                else "hurts"
+                if m > 0 and m - sd > 0
+                else ("within the spread")
+            )
+            wins += verdict == "helps"
+            each = ", ".join(f"{d:+.4f}" for d in diffs)
+            lines.append(f"- {method}: {m:+.4f} ± {sd:.4f} ({each}): {verdict}")
+        lines.append("")
+    lines += [f"Pretraining helps beyond the seed spread in {wins} of {total} cells measured.", ""]
+    protocols = load_records(protocols_path)
+    if protocols:
+        lines += [
+            "## Fine-tuning protocol (chosen on validation: ETTh1-96, seed 0)",
+            "",
+            "| method | init | protocol | val MSE | epochs (best) | chosen |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sorted(protocols, key=lambda r: (r["model"], r["init"], r["protocol"])):
+            chosen = chosen_protocol(r["init"], r["model"], protocols_path) == r["protocol"]
+            lines.append(
+                f"| {r['model']} | {r['init']} | {r['protocol']} | {r['val_mse']:.4f} "
+                f"| {r['epochs']} ({r['best_epoch']}) | {'yes' if chosen else ''} |"
+            )
+        lines.append("")
+    if plots:
+        lines += ["## Curves (ETTh1)", ""]
+        lines += [f"![{n}]({n})" for n in write_plots(work, results, protocols_path)]
+        lines.append("")
+    (results / "teachers.md").write_text("\n".join(lines))
+    log.info("wrote %s", results / "teachers.md")
+    return 0
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+@dataclass
+class Task:
+    stage: str
+    label: str
+    run: Callable[[], bool]  # True: done; False: stopped by the time limit
+
+
+def cells(a: argparse.Namespace) -> list[Cell]:
+    """Cells in priority order: the headline (ETTh1-96) first, then by horizon."""
+    return [Cell(d, h) for h in a.horizons for d in a.datasets]
+
+
+def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:
+    """Every missing run whose prerequisites are met, stage by stage in ``a.stages`` order."""
+    for stage in a.stages:
+        if stage == "pretrain":
+            for dataset in a.datasets:
+                for method in a.methods:
+                    if pretrain_meta(a.work, method, dataset) is None:
+                        yield Task(
+                            stage,
+                            f"{method} {dataset}",
+                            lambda m=method, d=dataset: pretrain_one(a, budget, m, d),
+                        )
+        elif stage == "protocol":
+            dataset, horizon, seed = SELECTION
+            c = Cell(dataset, horizon)
+            for method in a.methods:
+                for init in INITS:
+                    if init == "pretrained" and pretrain_meta(a.work, method, dataset) is None:
+                        continue
+                    for protocol in PROTOCOLS[init]:
+                        key = {
+                            "dataset": dataset,
+                            "horizon": horizon,
+                            "model": method,
+                            "init": init,
+                            "seed": seed,
+                            "protocol": protocol,
+                        }
+                        if not has_record(a.results / PROTOCOL_RECORDS, **key):
+                            yield Task(
+                                stage,
+                                f"{method} {init} {protocol}",
+                                lambda m=method, i=init, p=protocol, cc=c: _protocol_run(
+                                    a, budget, cc, m, i, p
+                                ),
+                            )
+        elif stage == "finetune":
+            for seed in a.seeds:
+                for c in cells(a):
+                    for method in a.methods:
+                        for init in INITS:
+                            protocol = chosen_protocol(init, method, a.results / PROTOCOL_RECORDS)
+                            if protocol is None or has_record(
+                                a.results / RECORDS,
+                                dataset=c.dataset,
+                                horizon=c.horizon,
+                                model=method,
+                                init=init,
+                                seed=seed,
+                            ):
+                                continue
+                            if init == "pretrained" and not pretrain_meta(
+                                a.work, method, c.dataset
+                            ):
+                                continue
+                            yield Task(
+                                stage,
+                                f"{method} {init} {c.dataset}-{c.horizon} s{seed}",
+                                lambda c=c, m=method, i=init, p=protocol, s=seed: _record(
+                                    a, finetune_one(a, budget, c, m, i, p, s)
+                                ),
+                            )
+        elif stage == "supervised":
+            for seed in a.seeds:
+                for c in cells(a):
+                    if not has_record(
+                        a.results / RECORDS,
+                        dataset=c.dataset,
+                        horizon=c.horizon,
+                        model="patchtst",
+                        seed=seed,
+                    ):
+                        yield Task(
+                            stage,
+                            f"patchtst {c.dataset}-{c.horizon} s{seed}",
+                            lambda c=c, s=seed: _record(a, supervised_one(a, budget, c, s)),
+                        )
+        elif stage == "ensemble":
+            for seed in a.seeds:
+                for c in cells(a):
+                    if has_record(
+                        a.results / RECORDS,
+                        dataset=c.dataset,
+                        horizon=c.horizon,
+                        model="ensemble",
+                        seed=seed,
+                    ):
+                        continue
+                    members = [
+                        r
+                        for r in load_records(a.results / RECORDS)
+                        if (r["dataset"], r["horizon"], r["seed"], r["init"])
+                        == (c.dataset, c.horizon, seed, "pretrained")
+                        and r["model"] in a.methods
+                    ]
+                    if {r["model"] for r in members} == set(a.methods):
+                        runs = [REPO / r["run"] for r in sorted(members, key=lambda r: r["model"])]
+                        yield Task(
+                            stage,
+                            f"ensemble {c.dataset}-{c.horizon} s{seed}",
+                            lambda c=c, s=seed, r=runs: _record(a, ensemble_one(a, c, s, r)),
+                        )
+
+
+def _record(a: argparse.Namespace, record: dict[str, Any] | None) -> bool:
+    if record is None:
+        return False
+    save_record(a.results / RECORDS, record)
+    log.info("record: %s", json.dumps({k: record.get(k) for k in RECORD_FIELDS}))
+    return True
+
+
+def _protocol_run(
+    a: argparse.Namespace, budget: Budget, c: Cell, method: str, init: str, protocol: str
+) -> bool:
+    seed = SELECTION[2]
+    record = finetune_one(a, budget, c, method, init, protocol, seed)
+    if record is None:
+        return False
+    # Validation only: the choice must not see test (the seed-0 record reuses the run folder).
+    save_record(
+        a.results / PROTOCOL_RECORDS,
+        {
+            k: record[k]
+            for k in (
+                "dataset",
+                "horizon",
+                "lookback",
+                "model",
+                "init",
+                "seed",
+                "protocol",
+                "val_mse",
+                "epochs",
+                "best_epoch",
+                "finetune_seconds",
+                "budget",
+            )
+        },
+    )
+    return True
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    budget = Budget(a.time_limit)
+    done = 0
+    while True:
+        pending = next(tasks(a, budget), None)  # re-planned after each run: records unlock more
+        if pending is None:
+            log.info("nothing left to run for stages %s (%d runs done)", a.stages, done)
+            return 0
+        if budget.spent():
+            log.info("time limit reached; next would be %s %s", pending.stage, pending.label)
+            return 0
+        log.info("[%s] %s", pending.stage, pending.label)
+        if not pending.run():
+            log.info("time limit reached during %s %s (resumable)", pending.stage, pending.label)
+            return 0
+        done += 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,21 +725,41 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
+    stages = ("pretrain", "protocol", "finetune", "supervised", "ensemble")
+    runp = sub.add_parser("run", help="every missing run of the given stages, in order")
+    runp.add_argument(
+        "--stages",
+        type=lambda t: tuple(t.split(",")),
+        default=("protocol", "finetune", "ensemble", "supervised", "pretrain"),
+    )
     pre = sub.add_parser("pretrain", help="masked pretraining of each method on each dataset")
-    pre.add_argument("--methods", default="himtm,dmae,simmtm")
-    for q in (pre,):
-        q.add_argument("--datasets", default="ETTh1,ETTh2")
-        q.add_argument("--lookback", type=int, default=336)
+    pre.set_defaults(stages=("pretrain",))
+    rep = sub.add_parser("report", help="bench/results/teachers.md and the curves' PNGs")
+    for q in (runp, pre):
+        q.add_argument("--methods", type=lambda t: tuple(t.split(",")), default=METHODS)
+        q.add_argument("--datasets", type=lambda t: tuple(t.split(",")), default=DATASETS)
+        q.add_argument(
+            "--horizons", type=lambda t: tuple(int(h) for h in t.split(",")), default=HORIZONS
+        )
+        q.add_argument("--seeds", type=lambda t: tuple(int(s) for s in t.split(",")), default=SEEDS)
         q.add_argument("--data-dir", type=Path, default=DATA_DIR)
         q.add_argument("--work", type=Path, default=WORK)
         q.add_argument("--threads", type=int, default=2)
         q.add_argument("--time-limit", type=float, default=None, help="seconds for this invocation")
         q.add_argument("--no-progress", action="store_true")
-    pre.set_defaults(handler=cmd_pretrain)
+        q.add_argument("--results", type=Path, default=RESULTS, help="where the records go")
+        q.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
+        q.set_defaults(handler=cmd_run)
+    rep.add_argument("--no-plots", action="store_true")
+    rep.add_argument("--results", type=Path, default=RESULTS)
+    rep.add_argument("--work", type=Path, default=WORK)
+    rep.set_defaults(handler=lambda a: write_report(a.results, a.work, plots=not a.no_plots))
     a = p.parse_args(argv)
+    for stage in getattr(a, "stages", ()):
+        if stage not in stages:
+            p.error(f"--stages: unknown stage {stage!r}; choose from {', '.join(stages)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    a.handler(a)
-    return 0
+    return int(a.handler(a))
 
 
 if __name__ == "__main__":

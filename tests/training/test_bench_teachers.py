@@ -1,0 +1,70 @@
+"""bench/teachers.py: the resumable queue of teacher runs, end to end at toy budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import teachers as bench
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def queue(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
+    tmp = tmp_path_factory.mktemp("teachers")
+    work, results = tmp / "work", tmp / "results"
+    results.mkdir()
+    argv = [
+        "run", "--smoke", "--methods", "himtm", "--datasets", "ETTh1", "--horizons", "96",
+        "--seeds", "0,1", "--work", str(work), "--results", str(results),
+        "--data-dir", str(REPO / "data"), "--no-progress", "--threads", "1",
+        "--stages", "pretrain,protocol,finetune,ensemble,supervised",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    return work, results, argv
+
+
+def test_every_cell_gets_one_record_per_seed_with_the_protocol_chosen_on_validation(
+    queue: tuple[Path, Path, list[str]],
+) -> None:
+    _, results, _ = queue
+    protocols = json.loads((results / "teacher_protocols.json").read_text())
+    assert len(protocols) == 3 + 2  # himtm: 3 pretrained + 2 scratch protocols
+    assert all("mse" not in r and "mae" not in r for r in protocols)  # validation only
+    records = json.loads((results / "teachers.json").read_text())
+    keys = sorted((r["model"], r["init"], r["seed"]) for r in records)
+    assert keys == sorted(
+        [("himtm", i, s) for i in ("pretrained", "scratch") for s in (0, 1)]
+        + [("ensemble", "", 0), ("ensemble", "", 1), ("patchtst", "", 0), ("patchtst", "", 1)]
+    )
+    for r in records:
+        assert set(bench.RECORD_FIELDS) <= set(r)
+        assert r["mse"] > 0 and r["mae"] > 0
+        if r["model"] == "himtm":
+            chosen = min(
+                (p for p in protocols if (p["model"], p["init"]) == (r["model"], r["init"])),
+                key=lambda p: p["val_mse"],
+            )
+            assert r["protocol"] == chosen["protocol"]
+            assert r["max_train_batches"] == 2  # --smoke says so in every record
+            assert (r["pretrain_epochs"] == 1) == (r["init"] == "pretrained")
+        if r["model"] == "ensemble":
+            assert r["val_mse"] == min(r["val_mse_by_weighting"].values())
+            assert len(r["members"]) == 1
+
+
+def test_a_second_invocation_has_nothing_left_and_the_report_pairs_the_seeds(
+    queue: tuple[Path, Path, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    work, results, argv = queue
+    before = (results / "teachers.json").read_bytes()
+    assert bench.main(argv) == 0
+    assert (results / "teachers.json").read_bytes() == before
+    assert bench.main(["report", "--results", str(results), "--work", str(work), "--no-plots"]) == 0
+    text = (results / "teachers.md").read_text()
+    assert "## ETTh1, H = 96" in text and "PatchTST/64 (published, L = 512) | | 0.370" in text
+    assert text.count("- himtm: ") == 1
+    assert "(2)" in text  # two seeds per mean
