@@ -55,9 +55,15 @@ brackets as a report only:
   With "ortho", validation MSE 0.6854 raw against 0.6890 standardised [test 0.3883 against
   0.3817]: validation prefers raw features, by 0.5% on one seed, where test would have picked
   the other (the setting was first chosen on test).
-* KL is summed over frequencies and averaged over rows; the pooled MSE terms average over all
+* KL is summed over frequencies and averaged over rows (the KL of each row's distribution);
+  the authors' code averages over every (row, frequency) element instead, i.e. divides it by
+  the number of frequencies (``kl_reduction = "mean"``). The pooled MSE terms average over all
   elements; an odd length drops its last element when pooled; with several teachers the feature
   terms are averaged over teachers.
+
+``training/configs/distill-authors.toml`` is the authors' form as a preset (their loss
+reduction and unscaled amplitudes, their per-channel BatchNorm and mean subtraction in the
+student, their optimiser schedule); ``bench/students.py`` compares it with ours on validation.
 """
 
 from __future__ import annotations
@@ -292,7 +298,11 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
 
     seed_everything(train_cfg.seed)  # initial weights of the student and regressors
     student = build_model(
-        "mlp", lookback=run.data.lookback, horizon=run.data.horizon, **run.model_settings
+        "mlp",
+        lookback=run.data.lookback,
+        horizon=run.data.horizon,
+        channels=data.channels,
+        **run.model_settings,
     )
     criterion = DistillationLoss(
         dcfg.loss, alpha, beta, [t.model.feature_dim for t in teachers], student.feature_dim

@@ -169,7 +169,11 @@ def _train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.train.seed)  # same initial weights on every worker
     model = build_model(
-        cfg.model, lookback=cfg.data.lookback, horizon=cfg.data.horizon, **cfg.model_settings
+        cfg.model,
+        lookback=cfg.data.lookback,
+        horizon=cfg.data.horizon,
+        channels=data.channels,
+        **cfg.model_settings,
     )
     device = ray.train.torch.get_device()
     replica = ray.train.torch.prepare_model(model)  # on the device; DDP when world > 1
@@ -277,7 +281,11 @@ def run_distributed(
     data = prepare(cfg.data)  # read once, here; workers get it from the object store
     seed_everything(cfg.train.seed)
     probe = build_model(
-        cfg.model, lookback=cfg.data.lookback, horizon=cfg.data.horizon, **cfg.model_settings
+        cfg.model,
+        lookback=cfg.data.lookback,
+        horizon=cfg.data.horizon,
+        channels=data.channels,
+        **cfg.model_settings,
     )
     model_cfg = probe.cfg
     if not is_dataclass(model_cfg) or isinstance(model_cfg, type):

@@ -19,7 +19,11 @@ def run_train(cfg: RunConfig, resume: bool = False) -> FitResult:
     data = prepare(cfg.data)
     seed_everything(cfg.train.seed)  # the initial weights depend on it too
     model = build_model(
-        cfg.model, lookback=cfg.data.lookback, horizon=cfg.data.horizon, **cfg.model_settings
+        cfg.model,
+        lookback=cfg.data.lookback,
+        horizon=cfg.data.horizon,
+        channels=data.channels,
+        **cfg.model_settings,
     )
     out_dir = cfg.resolved_out_dir()
     info = {

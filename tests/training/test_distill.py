@@ -437,3 +437,29 @@ def test_the_documented_cli_chain_works_with_default_folders(
     ]
     assert Path(out["checkpoint"]) == Path("runs/plant-student-himtm-L96-H24/best.safetensors")
     assert Path(out["checkpoint"]).exists() and out["mse"] > 0
+
+
+def test_the_authors_preset_distils_a_per_channel_student(
+    teacher_root: Path, tmp_path: Path
+) -> None:
+    from training.config import CONFIG_DIR
+
+    cfg = build_distill_config(
+        CONFIG_DIR / "distill-authors.toml",
+        data={"dataset": "ETTh1", "lookback": L_S, "horizon": H},
+        train=QUICK,
+        distill={"teachers": ("ta",), "teacher_dir": str(teacher_root), "teacher_lookback": L_T},
+        model_settings={"hidden": 16},
+        out_dir=str(tmp_path / "authors"),
+    )
+    d = cfg.distill
+    assert (d.kl_reduction, d.fft_norm, d.feature_norm) == ("mean", "backward", "none")
+    assert (cfg.run.train.lr, cfg.run.train.lr_schedule, cfg.run.train.patience) == (
+        0.01, "halve", 5,
+    )  # fmt: skip
+    run_distill(cfg)
+    model, run = load_forecaster(tmp_path / "authors")
+    assert run["model_config"]["batch_norm"] == "channel"
+    assert run["model_config"]["channels"] == 7 and run["model_config"]["norm"] == "mean"
+    assert not model.channel_independent
+    assert run["distill"]["kl_reduction"] == "mean"

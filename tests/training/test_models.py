@@ -84,11 +84,15 @@ def test_student_feature_is_the_documented_hidden_width() -> None:
     assert h.shape == (2, 7, 512)
 
 
-@pytest.mark.parametrize("norm", ["revin", "mean"])
-def test_folded_mlp_is_the_same_function(norm: str) -> None:
-    """The serving graph's folded MLP (decomposition + Linear + BatchNorm as one Linear) gives the
-    trained model's forecasts, with BatchNorm statistics that are not the identity."""
-    model = build_model("mlp", lookback=L, horizon=H, hidden=32, norm=norm)
+@pytest.mark.parametrize(("norm", "batch_norm"), [("revin", "hidden"), ("mean", "hidden"),
+                                                  ("revin", "channel")])  # fmt: skip
+def test_folded_mlp_is_the_same_function(norm: str, batch_norm: str) -> None:
+    """The serving graph's folded MLP (decomposition + Linear + BatchNorm as one Linear, plus a
+    per-channel scale and shift for the authors' BatchNorm) gives the trained model's forecasts,
+    with BatchNorm statistics that are not the identity."""
+    model = build_model(
+        "mlp", lookback=L, horizon=H, hidden=32, norm=norm, batch_norm=batch_norm, channels=C
+    )
     model.train()
     with torch.no_grad():
         for _ in range(3):  # move the running statistics away from (0, 1)
@@ -101,3 +105,23 @@ def test_folded_mlp_is_the_same_function(norm: str) -> None:
     assert got.shape == want.shape == (B, H, C)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
     assert len(list(folded.modules())) < len(list(model.modules()))
+
+
+def test_the_authors_batch_norm_is_per_channel_and_ties_the_model_to_the_channel_count() -> None:
+    model = build_model("mlp", lookback=L, horizon=H, hidden=32, batch_norm="channel", channels=C)
+    assert not model.channel_independent
+    bn = model.seasonal.norm  # type: ignore[union-attr]
+    assert bn.num_features == C
+    model.train()
+    x = torch.randn(B, L, C) * torch.arange(1, C + 1)  # channels of different spread
+    model(x)
+    h = model.seasonal.inp(
+        model.decomp(model.norm.normalize(x, *model.norm.stats(x)))[0].transpose(1, 2)
+    )  # [B, C, D]
+    # One running mean per channel, moved towards that channel's mean over windows and units.
+    torch.testing.assert_close(bn.running_mean, 0.1 * h.mean(dim=(0, 2)).detach())
+    with pytest.raises(ValueError, match="channels"):
+        build_model("mlp", lookback=L, horizon=H, batch_norm="channel")
+    # build_model hands the data's channel count to configs that have the field, only those.
+    assert build_model("mlp", lookback=L, horizon=H, channels=C).cfg.channels == C
+    assert not hasattr(build_model("patchtst", lookback=L, horizon=H, channels=C).cfg, "channels")

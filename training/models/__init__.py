@@ -43,7 +43,12 @@ def make_config(name: str, **values: Any) -> Any:
     return cls(**values)
 
 
-def build_model(name: str, **values: Any) -> Forecaster:
+def build_model(name: str, *, channels: int | None = None, **values: Any) -> Forecaster:
+    """``channels`` (the data's) fills a config's ``channels`` field when the values lack it."""
+    spec = MODELS.get(name)
+    has_channels = spec is not None and "channels" in {f.name for f in fields(spec.config)}
+    if channels is not None and has_channels and "channels" not in values:
+        values["channels"] = channels
     return MODELS[name].build(make_config(name, **values))
 
 
