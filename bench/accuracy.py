@@ -108,9 +108,15 @@ def merge(records: list[dict[str, Any]], new: dict[str, Any]) -> list[dict[str, 
 
 def write_markdown(records: list[dict[str, Any]], path: Path) -> None:
     lines = [
-        "# Accuracy (test split, z-scored, standard protocol)",
+        "# Accuracy (test split, z-scored, standard protocol): quick budget",
         "",
         "Reproduce: `python bench/accuracy.py` (see `bench/README.md` for the exact runs).",
+        "",
+        "**Quick (toy-scale) budget, one seed.** The teacher, ensemble and student rows here were",
+        "trained when pretraining was capped at 30 batches per epoch for 6-10 epochs and",
+        "fine-tuning at 200 steps or fewer (`pretrain_epochs`, `epochs` in `accuracy.json`); they",
+        "are kept as the quick pipeline's reference, not as the methods' results. Teachers at the",
+        "papers' budgets, three seeds each, are in `teachers.md` (`bench/teachers.py`).",
         "",
         "| dataset | H | model | L | MSE | MAE | params | train s | epochs |",
         "|---|---|---|---|---|---|---|---|---|",
