@@ -136,6 +136,29 @@ class DatasetInfo(_Frozen):
     target: str | None = None
 
 
+class Lineage(_Frozen):
+    """Where a version came from: the code, the seed, the data file and the run that made it.
+
+    Every field is optional: manifests written before lineage was recorded have none (and load),
+    and an ensemble group has no seed or run of its own (its members carry theirs).
+    """
+
+    git_commit: str | None = Field(None, pattern=r"^[0-9a-f]{40}$")
+    """``git rev-parse HEAD`` of the checkout that exported the version."""
+    git_dirty: bool | None = None
+    """True when files that shape a model (``training/``, ``models_registry/``, ``data/``, the
+    dependency pins) had uncommitted changes at export: the commit alone does not rebuild it."""
+    seed: int | None = None
+    data_file: str | None = None
+    data_sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    run_dir: str | None = None
+    """The training run folder (relative to the repository when inside it)."""
+    train: dict[str, Any] = Field(default_factory=dict)
+    """The run's optimisation settings (``TrainConfig``)."""
+    distill: dict[str, Any] = Field(default_factory=dict)
+    """Students only: the distillation settings (``DistillConfig``)."""
+
+
 class Calibration(_Frozen):
     """Split-conformal residual quantiles (docs/contracts.md, "Calibration")."""
 
@@ -204,6 +227,8 @@ class Manifest(_Frozen):
     code_version: str | None = None
     members: list[ModelRef] = Field(default_factory=list)
     """Ensemble groups only: the member versions the service averages."""
+    lineage: Lineage | None = None
+    """Git commit, seed, data file and run folder (None in manifests older than lineage)."""
 
     @field_validator("name")
     @classmethod

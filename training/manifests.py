@@ -8,6 +8,7 @@ Nothing is registered here (``training.publish`` does that).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from models_registry.manifest import DatasetInfo as ManifestDataset
-from models_registry.manifest import Manifest, ModelRef
+from models_registry.manifest import Lineage, Manifest, ModelRef
 from training.checkpoints import load_forecaster
 from training.data import DataConfig, PreparedData, infer_step, prepare
 from training.engine import metrics as split_metrics
@@ -165,6 +166,72 @@ def code_version() -> str:
         return "unknown"
 
 
+MODEL_PATHS = ("training", "models_registry", "data", "pyproject.toml", "requirements.lock")
+"""What shapes a model: uncommitted changes here make a lineage's commit insufficient."""
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """(HEAD's full sha, whether ``MODEL_PATHS`` have uncommitted changes), or (None, None)
+    outside a git checkout (an installed package)."""
+    head = _git("rev-parse", "HEAD")
+    if head is None or not head.strip():
+        return None, None
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", *MODEL_PATHS)
+    return head.strip(), None if status is None else bool(status.strip())
+
+
+@lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file (cached per path, size and modification time)."""
+    st = path.stat()
+    return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _display_path(path: Path) -> str:
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved)
+
+
+def build_lineage(
+    data: PreparedData,
+    run_dir: str | os.PathLike[str] | None = None,
+    run: dict[str, Any] | None = None,
+) -> Lineage:
+    """The lineage of a model trained on ``data``: git state now, the data file and its sha256,
+    and, from a run folder's ``run.json``, the seed, optimisation and distillation settings."""
+    commit, dirty = git_state()
+    train = dict((run or {}).get("train") or {})
+    distill = (run or {}).get("distill")
+    return Lineage(
+        git_commit=commit,
+        git_dirty=dirty,
+        seed=train.get("seed"),
+        data_file=data.path.name,
+        data_sha256=file_sha256(data.path),
+        run_dir=_display_path(Path(run_dir)) if run_dir is not None else None,
+        train=train,
+        distill=dict(distill) if isinstance(distill, dict) else {},
+    )
+
+
 def frequency(data: PreparedData) -> str | None:
     """The catalogue's frequency, else the median timestamp step as a pandas offset alias."""
     if data.info.freq:
@@ -202,8 +269,11 @@ def build_manifest(
     parity: ParityReport,
     teachers: Sequence[ModelRef | str] = (),
     opset: int = OPSET,
+    lineage: Lineage | None = None,
 ) -> Manifest:
-    """An unregistered manifest (version, sha256 and created_at are set by the store)."""
+    """An unregistered manifest (version, sha256 and created_at are set by the store).
+
+    ``lineage`` defaults to what ``data`` and the checkout tell (no seed or run folder)."""
     channels = graph.manifest_channels
     ch: int | str = channels if channels is not None else "channels"
     return Manifest(
@@ -230,6 +300,7 @@ def build_manifest(
         opset=opset,
         created_at=datetime.now(UTC),
         code_version=code_version(),
+        lineage=lineage if lineage is not None else build_lineage(data),
     )
 
 
@@ -274,6 +345,7 @@ def export_model(
     path: str | os.PathLike[str] | None = None,
     parity_windows: int | None = PARITY_WINDOWS,
     tolerance: float | None = None,
+    lineage: Lineage | None = None,
 ) -> ExportedModel:
     """Export, parity-check and describe one trained model (nothing is registered)."""
     _check_data(model, data, name)
@@ -324,6 +396,7 @@ def export_model(
         calibration=calibration,
         parity=parity,
         teachers=teachers,
+        lineage=lineage,
     )
     return ExportedModel(manifest, onnx_bytes, parity, graph, val)
 
@@ -357,6 +430,7 @@ def export_run(
         path=path,
         parity_windows=parity_windows,
         tolerance=tolerance,
+        lineage=build_lineage(data, run_dir, run),
     )
 
 

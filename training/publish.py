@@ -23,6 +23,7 @@ from training.export import PARITY_WINDOWS
 from training.manifests import (
     ExportedModel,
     SplitForecast,
+    build_lineage,
     code_version,
     ensemble_fields,
     export_run,
@@ -97,9 +98,12 @@ def register_ensemble(
     """Register ``members`` as an ensemble group (no model.onnx; the service averages them).
 
     With the members' serving ``modules`` (raw in, raw out) and ``data``, the group's manifest
-    also carries the ensemble's metrics and its own calibration for intervals.
+    also carries the ensemble's metrics and its own calibration for intervals. With ``data``,
+    its lineage names the checkout and the data file (the members' manifests hold their seeds).
     """
     extra: dict[str, Any] = {"config": {"combine": "mean"}, "code_version": code_version()}
+    if data is not None:
+        extra["lineage"] = build_lineage(data)
     if modules is not None and data is not None:
         extra.update(ensemble_fields(modules, data, val_forecasts))
     return register_group(

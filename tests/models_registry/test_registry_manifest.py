@@ -63,3 +63,19 @@ def test_model_ref_and_alias_event() -> None:
         ModelRef.parse("student-x@prod")
     event = AliasEvent(name="a", alias="production", version=2, previous=1)
     assert AliasEvent.model_validate_json(event.model_dump_json()) == event
+
+
+def test_lineage_is_optional_and_checked(make_manifest: ManifestFactory) -> None:
+    old = make_manifest()
+    legacy = old.model_dump(mode="json")
+    del legacy["lineage"]  # a manifest written before lineage was recorded
+    assert Manifest.model_validate(legacy).lineage is None
+    lineage = {"git_commit": "a" * 40, "git_dirty": False, "seed": 0, "data_file": "ETTh1.csv",
+               "data_sha256": "b" * 64, "run_dir": "runs/x/mlp", "train": {"seed": 0}}
+    m = make_manifest(lineage=lineage)
+    assert m.lineage is not None and m.lineage.seed == 0 and m.lineage.distill == {}
+    assert Manifest.model_validate_json(m.model_dump_json()) == m
+    with pytest.raises(ValidationError):
+        make_manifest(lineage={**lineage, "data_sha256": "not-a-digest"})
+    with pytest.raises(ValidationError):
+        make_manifest(lineage={**lineage, "git_comit": "a" * 40})  # typos fail loudly

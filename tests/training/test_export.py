@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +182,16 @@ def test_manifest_fields(mlp_run: Path, exported: ExportedModel, data) -> None:
     assert {"val_mse", "val_mae", "test_mse", "test_mae", "test_mse_raw"} <= set(m.metrics)
     assert m.parity_max_abs_err is not None and m.parity_max_abs_err <= 1e-4
     assert m.code_version and m.created_at is not None
+    # Lineage: the checkout, the seed, the data file's bytes and the run folder.
+    lin = m.lineage
+    assert lin is not None
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, check=True).stdout.strip()
+    assert lin.git_commit == head and lin.git_dirty is not None
+    assert lin.seed == run["train"]["seed"] and lin.train == run["train"]
+    assert lin.data_file == "ETTh1.csv" == data.path.name
+    assert lin.data_sha256 == hashlib.sha256(data.path.read_bytes()).hexdigest()
+    assert lin.run_dir is not None and Path(lin.run_dir).resolve() == mlp_run.resolve()
     cal = m.calibration
     assert cal is not None and cal.levels == list(CALIBRATION_LEVELS)
     assert np.asarray(cal.quantiles).shape == (50, H)
@@ -239,6 +251,12 @@ def test_ensemble_group_with_metrics_and_calibration(
     assert g.calibration is not None and np.asarray(g.calibration.quantiles).shape == (50, H)
     assert store.resolve("fam-ensemble") == ("fam-ensemble", 1)
     assert ModelRef(name="fam-a", version=1) in store.manifest("fam-ensemble", 1).members
+    # The group's lineage: the checkout and the data (seeds and runs are the members').
+    lin = g.lineage
+    assert lin is not None and e.manifest.lineage is not None
+    assert lin.git_commit == e.manifest.lineage.git_commit and lin.git_commit is not None
+    assert lin.data_sha256 == e.manifest.lineage.data_sha256 and lin.data_file == "ETTh1.csv"
+    assert lin.seed is None and lin.run_dir is None
 
 
 def test_cli_export(mlp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
