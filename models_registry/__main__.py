@@ -1,6 +1,7 @@
 """Command line: `python -m models_registry [--root DIR] COMMAND`.
 
-Commands: list, show, promote (through the promotion gate), history, verify, gc.
+Commands: list, show, promote (through the promotion gate), history, verify, gc, export, import
+(models_registry/bundle.py: move names with their teachers and ensemble between registries).
 
 Exit codes: 0 success, 1 the operation failed (not found, integrity, verify found problems),
 2 bad usage (arguments, malformed names).
@@ -58,7 +59,47 @@ def _parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="delete old versions (never aliased ones)")
     gc.add_argument("--keep", type=int, required=True, help="newest versions kept per model")
     gc.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    export = sub.add_parser("export", help="copy names (with their teachers and ensemble group) "
+                            "into a new folder, with SHA256SUMS")
+    export.add_argument("--names", required=True,
+                        help="comma-separated model names, e.g. etth1-h96,etth2-h96")
+    export.add_argument("--out", required=True, help="the folder to create (must not exist)")
+    imp = sub.add_parser("import", help="add an export's models that this registry lacks "
+                         "(never changes an existing model, version or alias)")
+    imp.add_argument("source", help="an export folder, e.g. models_registry/bundled")
+    imp.add_argument("--if-empty", action="store_true",
+                     help="do nothing unless the registry holds no model")
     return p
+
+
+def cmd_export(store: FilesystemStore, names: str, out: str) -> int:
+    from models_registry.bundle import export_models
+
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    if not wanted:
+        raise ValueError("--names: give at least one model name")
+    exported = export_models(store, wanted, out)
+    for name, versions in exported.items():
+        print(f"exported {name}@{','.join(map(str, versions))}")
+    print(f"ok: {sum(map(len, exported.values()))} version(s) of {len(exported)} model(s) "
+          f"in {out}")
+    return 0
+
+
+def cmd_import(store: FilesystemStore, source: str, if_empty: bool) -> int:
+    from models_registry.bundle import import_models
+
+    report = import_models(source, store, if_empty=if_empty)
+    if report.skipped:
+        print(f"import skipped: {report.skipped}")
+        return 0
+    for name, versions in report.added.items():
+        print(f"added {name}@{','.join(map(str, versions))}")
+    for name in report.kept:
+        print(f"kept {name} (already here, identical)")
+    print(f"ok: {len(report.added)} model(s) added, {len(report.kept)} already present, "
+          f"into {store.root}")
+    return 0
 
 
 def cmd_list(store: FilesystemStore) -> int:
@@ -174,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_verify(store, args.name)
         if args.command == "gc":
             return cmd_gc(store, args.keep, args.dry_run)
+        if args.command == "export":
+            return cmd_export(store, args.names, args.out)
+        if args.command == "import":
+            return cmd_import(store, args.source, args.if_empty)
     except (InvalidName, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -493,6 +493,61 @@ class FilesystemStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def add_model(
+        self,
+        name: str,
+        versions: Sequence[tuple[Manifest, bytes | None]],
+        aliases: dict[str, int],
+        *,
+        actor: str = "import",
+    ) -> None:
+        """Add a model that this store does not hold, with the exact version numbers, manifests
+        and aliases it had elsewhere (``models_registry.bundle`` imports an export this way).
+
+        Refuses (``RegistryError``) if the name already has a version: an existing model is
+        never changed. Each version appears whole (built under a temporary name, renamed), the
+        ONNX bytes must match the manifest's sha256 and an ensemble's members must already be
+        here; the aliases are written last, each with a history line by ``actor``.
+        """
+        check_name(name)
+        if not versions:
+            raise RegistryError(f"{name!r}: nothing to add")
+        for alias, version in aliases.items():
+            check_alias(alias)
+            if version not in {m.version for m, _ in versions}:
+                raise RegistryError(f"{name}@{alias} points at {version}, which is not added")
+        members = {ref.name for m, _ in versions for ref in m.members}
+        with self._lock(name, *members):
+            model_dir = self.model_dir(name)
+            if self._versions_in(model_dir):
+                raise RegistryError(f"{name!r} already exists in {self.root}; it is left as is")
+            for manifest, onnx in sorted(versions, key=lambda item: item[0].version):
+                if manifest.name != name or manifest.version < 1:
+                    raise RegistryError(
+                        f"manifest {manifest.name}@{manifest.version} cannot be added as {name!r}"
+                    )
+                if manifest.kind == "ensemble":
+                    self._member_manifests(manifest.members)
+                elif onnx is None or sha256_hex(onnx) != manifest.sha256:
+                    actual = "<missing>" if onnx is None else sha256_hex(onnx)
+                    raise IntegrityError(f"{name}@{manifest.version} {ONNX_FILE}",
+                                         manifest.sha256, actual)
+                tmp = self._new_tmp_dir(model_dir)
+                try:
+                    if onnx is not None and manifest.kind != "ensemble":
+                        _write_new_file(tmp / ONNX_FILE, onnx)
+                    body = manifest.model_dump_json(indent=2).encode()
+                    _write_new_file(tmp / MANIFEST_FILE, body)
+                    _fsync_dir(tmp)
+                    os.rename(tmp, model_dir / str(manifest.version))
+                finally:
+                    if tmp.exists():
+                        shutil.rmtree(tmp, ignore_errors=True)
+                _fsync_dir(model_dir)
+                log.info("added %s@%d (%s, by %s)", name, manifest.version, manifest.kind, actor)
+            for alias, version in sorted(aliases.items()):
+                self._write_alias(name, alias, version, actor=actor, gate=None, forced=False)
+
     def set_alias(
         self,
         name: str,
