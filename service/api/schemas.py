@@ -250,6 +250,10 @@ class VersionCard(_Doc):
     parity_max_abs_err: float | None
     created_at: str | None
     code_version: str | None
+    lineage: dict[str, Any] | None = Field(
+        description="Git commit (and whether model code was dirty), seed, data file and its "
+        "sha256, training run folder and settings; null for manifests older than lineage."
+    )
     aliases: list[str] = Field(description="Aliases pointing at this version.")
     loaded: bool = Field(description="Loaded on this replica.")
 
@@ -278,6 +282,10 @@ class ModelOut(_Doc):
     aliases: dict[str, int] = Field(description="The registry's aliases.")
     serving: dict[str, Any] = Field(
         description="What this replica serves: default version and alias -> version."
+    )
+    card: VersionCard = Field(
+        description="The model card of the default version (the one a bare name serves: "
+        "production, else the latest): lineage, metrics (validation and test MSE), teachers."
     )
 
 

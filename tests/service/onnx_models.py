@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from models_registry.manifest import Calibration, DatasetInfo, Manifest, ModelRef
+from models_registry.manifest import Calibration, DatasetInfo, Lineage, Manifest, ModelRef
 from models_registry.store import FilesystemStore
 
 OPSET = 17
@@ -104,7 +104,8 @@ def conformal_calibration(scores: np.ndarray) -> Calibration:
 
 def manifest(name: str, kind: str, lookback: int, horizon: int, *, architecture: str,
              calibration: Calibration | None = None, teachers: Sequence[ModelRef] = (),
-             test_mse: float = 0.4, channels: int | None = None) -> Manifest:
+             test_mse: float = 0.4, channels: int | None = None,
+             lineage: Lineage | None = None) -> Manifest:
     return Manifest(
         name=name,
         kind=kind,  # type: ignore[arg-type]
@@ -122,7 +123,12 @@ def manifest(name: str, kind: str, lookback: int, horizon: int, *, architecture:
         teachers=list(teachers),
         opset=OPSET,
         code_version="fixture",
+        lineage=lineage,
     )
+
+
+FIXTURE_LINEAGE = Lineage(git_commit="0" * 40, git_dirty=False, seed=0, data_file="ETTh1.csv",
+                          data_sha256="f" * 64, run_dir="runs/fixture/mlp", train={"seed": 0})
 
 
 def build_family(store: FilesystemStore, name: str, lookback: int, horizon: int, *,
@@ -144,7 +150,7 @@ def build_family(store: FilesystemStore, name: str, lookback: int, horizon: int,
                                  calibration=cal, metrics={"test_mse": 0.37})
     s = store.register(
         manifest(name, "student", lookback, horizon, architecture="last-value",
-                 calibration=cal, teachers=[group.ref]),
+                 calibration=cal, teachers=[group.ref], lineage=FIXTURE_LINEAGE),
         student if student is not None else linear_bytes(lookback, horizon),
     )
     if promote:

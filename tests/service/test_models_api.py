@@ -6,6 +6,7 @@ import httpx
 
 from service.api.schemas import BatchIn, BatchWire, ForecastIn, ForecastWire, SeriesIn, SeriesWire
 from tests.service.conftest import NAME, TOKEN
+from tests.service.onnx_models import FIXTURE_LINEAGE
 
 
 def test_list_models(client: httpx.Client) -> None:
@@ -32,6 +33,17 @@ def test_get_model(client: httpx.Client) -> None:
     assert v["loaded"] and v["provider"] == "CPUExecutionProvider"
     assert v["teachers"] == [f"{NAME}-ensemble@1"] and v["calibration_levels"][0] == 50
     assert out["serving"] == {"default": 1, "aliases": {"production": 1, "staging": 1}}
+    # The model card: the default version's lineage and metrics.
+    card = out["card"]
+    assert (card["version"], card["aliases"], card["loaded"]) == (1, ["production", "staging"],
+                                                                   True)
+    assert card["metrics"]["val_mse"] == v["metrics"]["val_mse"] and card["metrics"]["test_mse"]
+    assert card["lineage"] == FIXTURE_LINEAGE.model_dump(mode="json")
+    assert card["teachers"] == [f"{NAME}-ensemble@1"]
+    # A manifest without lineage (older than it) still has a card, with lineage null.
+    group = client.get(f"/v1/models/{NAME}-ensemble").json()["card"]
+    assert group["lineage"] is None and group["members"] == [f"{NAME}-teacher-a@1",
+                                                              f"{NAME}-teacher-b@1"]
     # Teachers are not served on their own, but their manifests are visible.
     assert client.get(f"/v1/models/{NAME}-teacher-a").json()["kind"] == "teacher"
     r = client.get("/v1/models/nope")

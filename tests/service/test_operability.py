@@ -202,6 +202,7 @@ def test_version_card_and_model_readiness(client: httpx.Client) -> None:
     assert card["outputs"][0]["shape"] == ["batch", HORIZON, "channels"]
     assert card["teachers"] == [f"{NAME}-ensemble@1"]
     assert card["metrics"]["test_mse"] == 0.4 and card["dataset"]["name"] == "ETTh1"
+    assert card["lineage"]["seed"] == 0 and card["lineage"]["data_file"] == "ETTh1.csv"
     assert card["aliases"] == ["production", "staging"] and card["loaded"] is True
     assert client.get(f"/v1/models/{NAME}/versions/9").status_code == 404
     assert client.get("/v1/models/nope/versions/1").status_code == 404

@@ -17,7 +17,7 @@ from models_registry.errors import (
     RegistryError,
 )
 from models_registry.errors import ModelNotFound as RegistryModelNotFound
-from models_registry.manifest import Manifest
+from models_registry.manifest import DEFAULT_ALIAS, Manifest
 from service import metrics
 from service.api.deps import Services
 from service.api.errors import from_registry
@@ -101,6 +101,7 @@ def _card(m: Manifest, aliases: dict[str, int], loaded: bool) -> dict[str, Any]:
         "parity_max_abs_err": m.parity_max_abs_err,
         "created_at": m.created_at.isoformat() if m.created_at else None,
         "code_version": m.code_version,
+        "lineage": m.lineage.model_dump(mode="json") if m.lineage else None,
         "aliases": sorted(a for a, v in aliases.items() if v == m.version),
         "loaded": loaded,
     }
@@ -143,6 +144,8 @@ def build_router(services: Services) -> APIRouter:
             raise from_registry(exc, "name") from None
         manifests = [await pool.manifest((name, v)) for v in versions]
         state = pool.state(name)
+        default = (state.default if state else None) or aliases.get(DEFAULT_ALIAS) or versions[-1]
+        card = next((m for m in manifests if m.version == default), manifests[-1])
         return {
             "name": name,
             "kind": manifests[-1].kind,
@@ -152,6 +155,7 @@ def build_router(services: Services) -> APIRouter:
                 "default": state.default if state else None,
                 "aliases": dict(state.aliases) if state else {},
             },
+            "card": _card(card, aliases, pool.get((name, default)) is not None),
         }
 
     @router.get("/{name}/versions/{version}", response_model=VersionCard,
