@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the folder to create (must not exist)")
     imp = sub.add_parser("import", help="add an export's models that this registry lacks "
                          "(never changes an existing model, version or alias)")
-    imp.add_argument("source", help="an export folder, e.g. models_registry/bundled")
+    imp.add_argument("source", nargs="?", default=None,
+                     help="an export folder (default: the bundled models, "
+                     "models_registry/bundled/)")
     imp.add_argument("--if-empty", action="store_true",
                      help="do nothing unless the registry holds no model")
     return p
@@ -86,10 +88,10 @@ def cmd_export(store: FilesystemStore, names: str, out: str) -> int:
     return 0
 
 
-def cmd_import(store: FilesystemStore, source: str, if_empty: bool) -> int:
-    from models_registry.bundle import import_models
+def cmd_import(store: FilesystemStore, source: str | None, if_empty: bool) -> int:
+    from models_registry.bundle import BUNDLED_DIR, import_models
 
-    report = import_models(source, store, if_empty=if_empty)
+    report = import_models(source or BUNDLED_DIR, store, if_empty=if_empty)
     if report.skipped:
         print(f"import skipped: {report.skipped}")
         return 0
