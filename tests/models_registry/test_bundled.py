@@ -73,3 +73,19 @@ def test_the_import_fills_an_empty_registry_once(tmp_path: Path) -> None:
     r = _run_import(root)
     assert r.returncode == 0 and "import skipped" in r.stdout
     assert tree(root) == before
+
+
+def test_every_bundled_file_is_package_data() -> None:
+    """The serving image installs the package (no repository): the bundle must travel in it."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["models_registry"]
+    package = REPO / "models_registry"
+    for path in BUNDLED_DIR.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(package).as_posix()
+            assert any(
+                fnmatch.fnmatch(rel, p) and rel.count("/") == p.count("/") for p in patterns
+            ), f"{rel} is not installed with the package (pyproject.toml package-data)"
