@@ -75,13 +75,15 @@ HORIZONS = (96, 336)
 SEEDS = (0, 1, 2)
 LOOKBACK = 336
 # Fine-tuning protocols (overrides of the method's [train] table) and where they are chosen.
+# Every protocol sets all three knobs, so a later change to a TOML's [train] cannot leak in.
+_WHOLE = {"head_warmup_epochs": 0, "encoder_lr_scale": 1.0}
 PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
     "pretrained": {
-        "lr1e-3": {"lr": 1e-3},
+        "lr1e-3": {"lr": 1e-3, **_WHOLE},
         "warmup-enc0.1": {"lr": 1e-3, "head_warmup_epochs": 1, "encoder_lr_scale": 0.1},
-        "lr1e-4": {"lr": 1e-4},
+        "lr1e-4": {"lr": 1e-4, **_WHOLE},
     },
-    "scratch": {"lr1e-3": {"lr": 1e-3}, "lr1e-4": {"lr": 1e-4}},
+    "scratch": {"lr1e-3": {"lr": 1e-3, **_WHOLE}, "lr1e-4": {"lr": 1e-4, **_WHOLE}},
 }
 SELECTION = ("ETTh1", 96, 0)  # dataset, horizon, seed whose validation MSE picks the protocol
 RECORD_FIELDS = (
@@ -596,8 +598,8 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:
                                 ),
                             )
         elif stage == "finetune":
-            for seed in a.seeds:
-                for c in cells(a):
+            for c in cells(a):  # a cell's seeds together: its mean and spread come first
+                for seed in a.seeds:
                     for method in a.methods:
                         for init in INITS:
                             protocol = chosen_protocol(init, method, a.results / PROTOCOL_RECORDS)
@@ -622,8 +624,8 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:
                                 ),
                             )
         elif stage == "supervised":
-            for seed in a.seeds:
-                for c in cells(a):
+            for c in cells(a):  # a cell's seeds together: its mean and spread come first
+                for seed in a.seeds:
                     if not has_record(
                         a.results / RECORDS,
                         dataset=c.dataset,
@@ -637,8 +639,8 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:
                             lambda c=c, s=seed: _record(a, supervised_one(a, budget, c, s)),
                         )
         elif stage == "ensemble":
-            for seed in a.seeds:
-                for c in cells(a):
+            for c in cells(a):  # a cell's seeds together: its mean and spread come first
+                for seed in a.seeds:
                     if has_record(
                         a.results / RECORDS,
                         dataset=c.dataset,
@@ -730,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     runp.add_argument(
         "--stages",
         type=lambda t: tuple(t.split(",")),
-        default=("protocol", "finetune", "ensemble", "supervised", "pretrain"),
+        default=("protocol", "pretrain", "finetune", "ensemble", "supervised"),
     )
     pre = sub.add_parser("pretrain", help="masked pretraining of each method on each dataset")
     pre.set_defaults(stages=("pretrain",))
