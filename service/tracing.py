@@ -28,7 +28,8 @@ def span(name: str) -> AbstractContextManager[Any]:
     """A span named `name` around the block when tracing is on; a shared no-op otherwise."""
     if _tracer is None:
         return _NOOP
-    return _tracer.start_as_current_span(name)
+    cm: AbstractContextManager[Any] = _tracer.start_as_current_span(name)
+    return cm
 
 
 def _exporter(kind: str) -> Any:

@@ -206,12 +206,14 @@ class Scaler:
         return cls(mean.astype(np.float32), std.astype(np.float32))
 
     def transform(self, values: np.ndarray) -> np.ndarray:
-        return ((values - self.mean) / self.std).astype(np.float32)
+        out: np.ndarray = ((values - self.mean) / self.std).astype(np.float32)
+        return out
 
     def inverse(self, values: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         if isinstance(values, torch.Tensor):
             return values * torch.from_numpy(self.std) + torch.from_numpy(self.mean)
-        return values * self.std + self.mean
+        out: np.ndarray = values * self.std + self.mean
+        return out
 
 
 class WindowSet:

@@ -371,7 +371,7 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
         beta,
         dcfg.weighting,
         scores,
-        run_info["params"],
+        count_params(student),
         teacher_seconds,
     )
 

@@ -104,7 +104,8 @@ class Regressor(nn.Module):
         )
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.net(h)  # [B, C, D]
+        out: Tensor = self.net(h)  # [B, C, D]
+        return out
 
 
 class DistillationLoss(nn.Module):

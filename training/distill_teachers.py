@@ -97,7 +97,7 @@ def freeze(model: M) -> M:
 def load_teachers(data: PreparedData, cfg: TeacherSource) -> list[Teacher]:
     """Load, check against the student's data, and freeze every teacher."""
     dataset, horizon = data.info.name, data.config.horizon
-    teachers = []
+    teachers: list[Teacher] = []
     for spec in cfg.teachers:
         run_dir = resolve_teacher_dir(spec, dataset, horizon, cfg)
         model, run = load_forecaster(run_dir)

@@ -99,7 +99,8 @@ class RawScaleForecaster(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # x: [B, L, C] raw
         z = (x - self.mean) / self.std  # [B, L, C]
-        return self.model(z) * self.std + self.mean  # [B, H, C]
+        y: Tensor = self.model(z) * self.std + self.mean  # [B, H, C]
+        return y
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ def export_onnx(
     assert program is not None
     proto = program.model_proto
     _check_graph(proto, lookback, channels, dynamic_channels, opset)
-    data = proto.SerializeToString()
+    data: bytes = proto.SerializeToString()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(f"{path}.tmp")

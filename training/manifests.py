@@ -46,6 +46,7 @@ from training.export import (
     serving_graph,
 )
 from training.models import MODELS
+from training.models.base import Forecaster
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ def data_for_run(run: dict[str, Any]) -> PreparedData:
     return prepare(DataConfig(**run["data"]))
 
 
-def _check_data(model: nn.Module, data: PreparedData, where: str) -> None:
+def _check_data(model: Forecaster, data: PreparedData, where: str) -> None:
     lookback, horizon = data.config.lookback, data.config.horizon
     if (model.lookback, model.horizon) != (lookback, horizon):
         raise ExportError(
@@ -333,7 +334,7 @@ def _check_data(model: nn.Module, data: PreparedData, where: str) -> None:
 
 
 def export_model(
-    model: nn.Module,
+    model: Forecaster,
     data: PreparedData,
     *,
     name: str,
@@ -389,7 +390,7 @@ def export_model(
         name=name,
         kind=kind,
         architecture=architecture,
-        config=config if config is not None else asdict(model.cfg),  # type: ignore[call-overload]
+        config=config if config is not None else asdict(model.cfg),
         graph=graph,
         data=data,
         metrics=metrics,

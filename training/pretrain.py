@@ -217,7 +217,8 @@ def run_pretrain(cfg: PretrainRunConfig) -> PretrainResult:
     out_dir = cfg.resolved_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = _meta(cfg, data, model_cfg)
-    meta["params"] = count_params(pretrainer.backbone)
+    backbone: nn.Module = pretrainer.backbone  # type: ignore[assignment]  # nn.Module.__getattr__ is typed Tensor | Module
+    meta["params"] = count_params(backbone)
     meta_path = out_dir / META_FILE
     if cfg.resume and (out_dir / LAST_FILE).exists() and meta_path.exists():
         old = json.loads(meta_path.read_text())
@@ -246,7 +247,6 @@ def run_pretrain(cfg: PretrainRunConfig) -> PretrainResult:
     def write(res: LoopResult) -> None:
         _write_json(meta_path, {**meta, **_loop_fields(res)})
 
-    backbone: nn.Module = pretrainer.backbone  # type: ignore[assignment]
     res = run_loop(
         module=pretrainer,
         groups=[ParamGroup("all", [p for p in pretrainer.parameters() if p.requires_grad])],
@@ -387,7 +387,7 @@ def run_finetune(cfg: FinetuneRunConfig) -> FitResult:
     info = {
         "model": method,
         "kind": MODELS[method].kind,
-        "model_config": asdict(model.cfg),  # type: ignore[arg-type]
+        "model_config": asdict(model.cfg),
         "params": count_params(model),
         "data": asdict(cfg.run.data),
         "dataset": data.describe(),

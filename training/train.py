@@ -29,7 +29,7 @@ def run_train(cfg: RunConfig, resume: bool = False) -> FitResult:
     info = {
         "model": cfg.model,
         "kind": MODELS[cfg.model].kind,
-        "model_config": asdict(model.cfg),  # type: ignore[arg-type]
+        "model_config": asdict(model.cfg),
         "params": count_params(model),
         "data": asdict(cfg.data),
         "dataset": data.describe(),

@@ -100,7 +100,7 @@ def _file_format(path: str) -> tuple[FileFormat, int]:
 
 
 def _numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t))
 
 
 def time_storage(t: pa.DataType) -> pa.DataType:
@@ -257,7 +257,9 @@ def _series(block: pa.Table, id_col: str, time_col: str, value_cols: tuple[str, 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """concatenate(arange(a, a + k) for a, k in zip(starts, counts)), without a Python loop."""
     offsets = np.cumsum(counts) - counts
-    return np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(offsets, counts))
+    within = np.arange(counts.sum()) - np.repeat(offsets, counts)
+    out: np.ndarray = np.repeat(starts, counts) + within
+    return out
 
 
 def tail_rows(block: pa.Table, *, id_col: str, time_col: str, value_cols: tuple[str, ...],

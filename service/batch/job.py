@@ -293,7 +293,8 @@ def _write_errors(path: str, failures: list[pa.Table], id_type: pa.DataType) -> 
         pacsv.write_csv(table, path)
     else:
         pq.write_table(table, path)
-    return table.num_rows
+    rows: int = table.num_rows
+    return rows
 
 
 def run_job(plan: JobPlan) -> JobSummary:

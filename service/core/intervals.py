@@ -18,7 +18,8 @@ EPS = 1e-5
 
 def window_scale(x: np.ndarray) -> np.ndarray:
     """x: [B, L, C] -> s: [B, C], the RevIN statistic sqrt(var + eps) over the window."""
-    return np.sqrt(x.var(axis=1, dtype=np.float64) + EPS).astype(np.float32)
+    s: np.ndarray = np.sqrt(x.var(axis=1, dtype=np.float64) + EPS).astype(np.float32)
+    return s
 
 
 class Calibration:

@@ -78,7 +78,10 @@ class CalendarStep:
     def shift(self, when: datetime, k: int) -> datetime:
         """`when` moved by `k` steps (`when` on the offset)."""
         if self.kind == "month":
-            return when + relativedelta(months=self.months * self.n * k, day=31 if self.end else 1)
+            shifted: datetime = when + relativedelta(
+                months=self.months * self.n * k, day=31 if self.end else 1
+            )
+            return shifted
         if self.kind == "bday":
             day = np.busday_offset(np.datetime64(when.date(), "D"), self.n * k, roll="forward")
             moved: date = day.astype(date)

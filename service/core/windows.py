@@ -43,7 +43,7 @@ def _bad(v: Any) -> bool:
         return True
     if isinstance(v, float) and not math.isfinite(v):
         return True
-    return abs(v) > _F32_MAX
+    return bool(abs(v) > _F32_MAX)
 
 
 def _item(v: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from training.models.layers import RevIN
@@ -15,6 +17,7 @@ class Forecaster(nn.Module):
     so they serve raw values without the training scaler.
     """
 
+    cfg: Any  # the model's config dataclass (training.models.MODELS[name].config)
     lookback: int
     horizon: int
     feature_dim: int

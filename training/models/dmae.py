@@ -60,7 +60,8 @@ class DMAEEncoder(nn.Module):
         values = z.reshape(n, self.n_patches, self.patch_len)  # [N, P, p]
         flags = obs.reshape(n, self.n_patches, self.patch_len)  # [N, P, p]
         tokens = self.embed(torch.cat([values, flags], dim=-1))  # [N, P, D]
-        return self.encoder(self.drop(tokens + self.pos))  # [N, P, D]
+        out: Tensor = self.encoder(self.drop(tokens + self.pos))  # [N, P, D]
+        return out
 
 
 class FeatureQuery(nn.Module):
@@ -83,7 +84,8 @@ class FeatureQuery(nn.Module):
         q = self.queries.expand(memory.shape[0], -1, -1)  # [N, P, D]
         for layer in self.layers:
             q = layer(q, memory)  # [N, P, D] cross-attention
-        return self.out(q)  # [N, P, D]
+        out: Tensor = self.out(q)  # [N, P, D]
+        return out
 
 
 class DMAEPretrainer(nn.Module):
@@ -181,7 +183,8 @@ class DMAE(TokenForecaster):
         self.init_head(self.backbone.n_patches * cfg.d_model, cfg.horizon, cfg.head_dropout)
 
     def encode(self, z: Tensor) -> Tensor:
-        return self.backbone(z, torch.ones_like(z))  # [B*C, P, D]: every value observed
+        out: Tensor = self.backbone(z, torch.ones_like(z))  # [B*C, P, D]: every value observed
+        return out
 
 
 def build(cfg: DMAEConfig) -> DMAE:

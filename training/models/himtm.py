@@ -67,7 +67,7 @@ class Geometry:
         return cls(n_base, unit, n_units, n_base * cfg.patch_len - cfg.lookback)
 
     def tokens(self, level: int) -> int:
-        return self.n_base // 2**level
+        return self.n_base >> level  # n_base // 2**level
 
 
 class PatchMerge(nn.Module):
@@ -82,7 +82,8 @@ class PatchMerge(nn.Module):
         # x: [N, T, D] with T even; neighbours 2k and 2k+1 are merged
         n, t, d = x.shape
         pairs = x.reshape(n, t // 2, 2 * d)  # [N, T/2, 2D]
-        return self.reduce(self.norm(pairs))  # [N, T/2, D]
+        out: Tensor = self.reduce(self.norm(pairs))  # [N, T/2, D]
+        return out
 
 
 class HierarchicalEncoder(nn.Module):
@@ -203,7 +204,8 @@ class HiMTMPretrainer(nn.Module):
         teacher.eval()
         try:
             with torch.no_grad():
-                return teacher(patches, units)
+                out: tuple[list[Tensor], list[Tensor]] = teacher(patches, units)
+                return out
         finally:
             teacher.train(was_training)
 
@@ -292,6 +294,7 @@ class HiMTM(TokenForecaster):
             cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.dropout, norm=cfg.norm
         )
         self.init_head(n_tokens * cfg.d_model, cfg.horizon, cfg.head_dropout)
+        self.all_units: Tensor
         self.register_buffer("all_units", torch.arange(self.geo.n_units), persistent=False)
 
     def encode(self, z: Tensor) -> Tensor:
@@ -303,7 +306,8 @@ class HiMTM(TokenForecaster):
         tokens = torch.cat(
             [f + self.level_embed[i] for i, f in enumerate(feats)], dim=1
         )  # [B*C, sum T_i, D]
-        return self.cross_scale(tokens)  # [B*C, sum T_i, D]
+        out: Tensor = self.cross_scale(tokens)  # [B*C, sum T_i, D]
+        return out
 
 
 def build(cfg: HiMTMConfig) -> HiMTM:

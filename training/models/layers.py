@@ -114,7 +114,8 @@ class BatchNormTokens(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [N, T, D]
-        return self.norm(x.transpose(1, 2)).transpose(1, 2)  # [N, T, D]
+        out: Tensor = self.norm(x.transpose(1, 2)).transpose(1, 2)  # [N, T, D]
+        return out
 
 
 def self_attention(attn: nn.MultiheadAttention, x: Tensor) -> Tensor:
@@ -171,7 +172,8 @@ class EncoderLayer(nn.Module):
             kv = x if memory is None else memory
             attn, _ = self.attn(x, kv, kv, need_weights=False)  # [N, T, D]
         x = self.norm1(x + self.drop(attn))
-        return self.norm2(x + self.drop(self.ff(x)))  # [N, T, D]
+        out: Tensor = self.norm2(x + self.drop(self.ff(x)))  # [N, T, D]
+        return out
 
 
 class Encoder(nn.Module):
@@ -197,8 +199,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     """
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         t.lerp_(s.detach(), 1.0 - decay)
-    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
-        t.copy_(s)
+    for tb, sb in zip(teacher.buffers(), student.buffers(), strict=True):
+        tb.copy_(sb)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -151,9 +151,11 @@ class FoldedMLP(nn.Module):
             self.register_buffer("channel_scale", torch.cat(scales, 1).float() if scales else None)
             self.register_buffer("channel_shift", torch.cat(shifts, 1).float() if shifts else None)
             outs = [model.seasonal.out[-1], model.trend.out[-1]]
+            assert all(isinstance(o, nn.Linear) for o in outs)
+            linears = cast(list[nn.Linear], outs)
             self.out = nn.Linear(2 * hidden, model.horizon)
-            self.out.weight.copy_(torch.cat([o.weight for o in outs], dim=1))  # type: ignore[union-attr]
-            self.out.bias.copy_(outs[0].bias + outs[1].bias)  # type: ignore[operator]
+            self.out.weight.copy_(torch.cat([o.weight for o in linears], dim=1))
+            self.out.bias.copy_(linears[0].bias + linears[1].bias)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [B, L, C]

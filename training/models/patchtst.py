@@ -56,7 +56,8 @@ class PatchTST(TokenForecaster):
         # z: [B*C, L] (RevIN-normalised)
         patches = self.patcher(z)  # [B*C, P, patch_len]
         tokens = self.drop(self.embed(patches) + self.pos)  # [B*C, P, D]
-        return self.encoder(tokens)  # [B*C, P, D]
+        out: Tensor = self.encoder(tokens)  # [B*C, P, D]
+        return out
 
 
 def build(cfg: PatchTSTConfig) -> PatchTST:

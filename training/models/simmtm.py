@@ -64,7 +64,8 @@ class SimMTMEncoder(nn.Module):
         # z: [N, L] (instance-normalised)
         patches = self.patcher(z)  # [N, P, patch_len]
         tokens = self.embed(patches.transpose(1, 2)).transpose(1, 2)  # [N, P, D]
-        return self.encoder(self.drop(tokens + self.pos))  # [N, P, D]
+        out: Tensor = self.encoder(self.drop(tokens + self.pos))  # [N, P, D]
+        return out
 
 
 def aggregation_weights(sim: Tensor, temperature: float) -> Tensor:
@@ -207,7 +208,8 @@ class SimMTM(TokenForecaster):
         self.init_head(self.backbone.n_patches * cfg.d_model, cfg.horizon, cfg.head_dropout)
 
     def encode(self, z: Tensor) -> Tensor:
-        return self.backbone(z)  # [B*C, P, D]
+        out: Tensor = self.backbone(z)  # [B*C, P, D]
+        return out
 
 
 def build(cfg: SimMTMConfig) -> SimMTM:

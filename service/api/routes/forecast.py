@@ -59,7 +59,8 @@ class RawRoute(APIRoute):
 def _header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
-            return value
+            found: bytes = value
+            return found
     return None
 
 
