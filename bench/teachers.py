@@ -601,7 +601,7 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:
             for c in cells(a):  # a cell's seeds together: its mean and spread come first
                 for seed in a.seeds:
                     for method in a.methods:
-                        for init in INITS:
+                        for init in a.inits:
                             protocol = chosen_protocol(init, method, a.results / PROTOCOL_RECORDS)
                             if protocol is None or has_record(
                                 a.results / RECORDS,
@@ -744,6 +744,13 @@ def main(argv: list[str] | None = None) -> int:
             "--horizons", type=lambda t: tuple(int(h) for h in t.split(",")), default=HORIZONS
         )
         q.add_argument("--seeds", type=lambda t: tuple(int(s) for s in t.split(",")), default=SEEDS)
+        q.add_argument(
+            "--inits",
+            type=lambda t: tuple(t.split(",")),
+            default=INITS,
+            help="fine-tuning stage: pretrained and/or scratch (the students' extra horizons "
+            "need only the pretrained teachers of their ensembles)",
+        )
         q.add_argument("--data-dir", type=Path, default=DATA_DIR)
         q.add_argument("--work", type=Path, default=WORK)
         q.add_argument("--threads", type=int, default=2)
@@ -757,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--work", type=Path, default=WORK)
     rep.set_defaults(handler=lambda a: write_report(a.results, a.work, plots=not a.no_plots))
     a = p.parse_args(argv)
+    for init in getattr(a, "inits", ()):
+        if init not in INITS:
+            p.error(f"--inits: unknown init {init!r}; choose from {', '.join(INITS)}")
     for stage in getattr(a, "stages", ()):
         if stage not in stages:
             p.error(f"--stages: unknown stage {stage!r}; choose from {', '.join(stages)}")

@@ -68,3 +68,82 @@ def test_a_second_invocation_has_nothing_left_and_the_report_pairs_the_seeds(
     assert "## ETTh1, H = 96" in text and "PatchTST/64 (published, L = 512) | | 0.370" in text
     assert text.count("- himtm: ") == 1
     assert "(2)" in text  # two seeds per mean
+
+
+# --------------------------------------------------------------------------- bench/students.py
+# The students' queue reads the teachers' records above (their ensembles), as it does for real.
+
+
+@pytest.fixture(scope="module")
+def students(queue: tuple[Path, Path, list[str]]) -> tuple[Path, list[str]]:
+    from bench import students as sbench
+
+    work, results, _ = queue
+    argv = [
+        "run", "--smoke", "--datasets", "ETTh1", "--horizons", "96", "--seeds", "0,1",
+        "--work", str(work / "students"), "--results", str(results),
+        "--data-dir", str(REPO / "data"), "--no-progress", "--threads", "1",
+        "--stages", "choose,student,ensemble,mlp,ablation",
+    ]  # fmt: skip
+    assert sbench.main(argv) == 0
+    return results, argv
+
+
+def test_students_use_the_lookback_and_form_chosen_on_validation_and_every_seed_is_recorded(
+    students: tuple[Path, list[str]],
+) -> None:
+    from bench import students as sbench
+
+    results, _ = students
+    choices = json.loads((results / "student_choices.json").read_text())
+    assert sorted((c["form"], c["lookback"]) for c in choices) == [
+        ("authors", 336), ("authors", 720), ("ours", 336), ("ours", 720),
+    ]  # fmt: skip
+    assert all("mse" not in c and "mae" not in c for c in choices)  # validation only
+    best = min(choices, key=lambda c: c["val_mse"])
+    records = json.loads((results / "students.json").read_text())
+    for r in records:
+        assert set(sbench.RECORD_FIELDS) <= set(r)
+        assert r["mse"] > 0 and r["params"] > 0
+    by = {(r["model"], r["seed"]): r for r in records}
+    ablations = [m for m in sbench.ABLATIONS if best["form"] == "ours" or "authors" not in m]
+    assert sorted(by) == sorted(
+        (m, s) for m in ("student", "ensemble", "mlp", *ablations) for s in (0, 1)
+    )
+    for s in (0, 1):
+        student = by[("student", s)]
+        assert (student["form"], student["lookback"]) == (best["form"], best["lookback"])
+        assert by[("mlp", s)]["lookback"] == best["lookback"]  # the plain MLP sees what it sees
+        # the ensemble row is the teachers' record of the same seed, not a re-measurement
+        teacher = next(
+            t
+            for t in json.loads((results / "teachers.json").read_text())
+            if (t["model"], t["seed"]) == ("ensemble", s)
+        )
+        assert (by[("ensemble", s)]["mse"], by[("ensemble", s)]["teachers"]) == (
+            teacher["mse"],
+            teacher["members"],
+        )
+        assert student["teachers"] == [
+            str(Path(m).relative_to(REPO)) if Path(m).is_relative_to(REPO) else m
+            for m in teacher["members"]
+        ]
+    assert by[("student-no-features", 0)]["beta"] == 0.0
+    assert by[("student-no-period", 0)]["budget"]["distill"]["period"] is False
+    assert by[("student-no-scale", 0)]["budget"]["distill"]["scale"] is False
+
+
+def test_students_second_invocation_has_nothing_left_and_the_report_has_every_row(
+    students: tuple[Path, list[str]],
+) -> None:
+    from bench import students as sbench
+
+    results, argv = students
+    before = (results / "students.json").read_bytes()
+    assert sbench.main(argv) == 0
+    assert (results / "students.json").read_bytes() == before
+    assert sbench.main(["report", "--results", str(results)]) == 0
+    text = (results / "students.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ETTh1-96 | "))
+    assert row.count("(2)") == 3 and row.endswith("| 0.370 | 0.375 |")  # student, ensemble, mlp
+    assert "| ETTh1-96 | ours | 720 |" in text

@@ -1,0 +1,622 @@
+"""Students against every peer a user could pick instead, per cell and seed, one run each.
+
+The student is the MLP distilled (TimeDistill) from its cell's teacher ensemble: the three
+pretrained, fine-tuned teachers of the same seed that ``bench/teachers.py`` trained and combined
+(``model == "ensemble"`` records in ``bench/results/teachers.json``: their members and the
+weighting validation preferred). Cells: ETTh1 and ETTh2 x H 96/192/336/720, seeds 0-2.
+Stages, in priority order:
+
+* ``choose``: on seed 0 of each cell, the student's lookback (336 or 720) by validation MSE; on
+  ETTh1-96 also the objective's form, ours (``training/configs/distill.toml``) or the authors'
+  (``distill-authors.toml``: per-channel BatchNorm, mean-reduced period KL, unnormalised rFFT,
+  their optimiser schedule), each at both lookbacks. Validation-only records go to
+  ``bench/results/student_choices.json``; every later run uses the choice, and the seed-0 run of
+  the choice is the seed-0 student (the same folder);
+* ``student``: the chosen student per cell and seed;
+* ``ensemble``: the teacher ensemble's own record, copied from ``teachers.json`` (lookback 336);
+* ``mlp``: the plain ``mlp`` (no teacher, ``training/configs/mlp.toml``) at the student's lookback;
+* ``peers``: neuralforecast's DLinear and PatchTST, run here on the same split at lookback 336,
+  every test window (``bench/peers.py``; needs the ``peers`` extra);
+* ``ablation``: on ETTh1-96 and ETTh1-336, the student without its feature terms, without the
+  period terms, without the multi-scale terms, and with the authors' loss form (period KL
+  mean-reduced over (row, frequency) and the unnormalised rFFT) on our student and schedule.
+
+Each finished run appends one record to ``bench/results/students.json``:
+``{"dataset","horizon","lookback","model","seed","mse","mae","params","train_seconds"}`` plus its
+validation MSE, epochs, budget and run folder; ``report`` writes ``bench/results/students.md``
+(mean +- std per cell beside the published PatchTST/64 and DLinear figures). A session::
+
+    python bench/students.py run --time-limit 9000
+    python bench/students.py run --stages peers --datasets ETTh1 --horizons 96
+    python bench/students.py report
+
+Runs resume from their folder (``--work``, default ``runs/students``); a run with a record is
+skipped; ``--time-limit`` stops between epochs, and the next invocation continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.teachers import (  # noqa: E402
+    DATA_DIR,
+    RESULTS,
+    SMOKE_TRAIN,
+    Budget,
+    Cell,
+    Task,
+    load_records,
+    mean_std,
+)
+from bench.teachers import RECORDS as TEACHER_RECORDS  # noqa: E402
+from training.config import build_run_config, default_config_path  # noqa: E402
+from training.distill import build_distill_config, run_distill  # noqa: E402
+from training.train import run_train  # noqa: E402
+
+log = logging.getLogger("bench.students")
+WORK = REPO / "runs" / "students"
+RECORDS = "students.json"
+CHOICES = "student_choices.json"
+DATASETS = ("ETTh1", "ETTh2")
+HORIZONS = (96, 192, 336, 720)
+SEEDS = (0, 1, 2)
+LOOKBACKS = (336, 720)  # the student's candidates
+PEER_LOOKBACK = 336
+FORMS = {"ours": "distill", "authors": "distill-authors"}  # TOML in training/configs
+FORM_CELL = Cell("ETTh1", 96)  # where the objective's form is chosen (seed 0, validation)
+ABLATION_CELLS = (Cell("ETTh1", 96), Cell("ETTh1", 336))
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "student-no-features": {"feature_terms": False},
+    "student-no-period": {"period": False},
+    "student-no-scale": {"scale": False},
+    "student-authors-loss": {"kl_reduction": "mean", "fft_norm": "backward"},
+}
+PEER_NAMES = ("nf-dlinear", "nf-patchtst")
+RECORD_FIELDS = (
+    "dataset",
+    "horizon",
+    "lookback",
+    "model",
+    "seed",
+    "mse",
+    "mae",
+    "params",
+    "train_seconds",
+)
+STAGES = ("choose", "student", "ensemble", "mlp", "peers", "ablation")
+
+
+# --------------------------------------------------------------------------- records
+
+
+def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r["dataset"], r["horizon"], r["model"], r["seed"], r["lookback"], r.get("form", ""))
+
+
+def save_record(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` (replacing one with the same key), atomically."""
+    records = [r for r in load_records(path) if record_key(r) != record_key(record)]
+    records.append(record)
+    records.sort(key=lambda r: tuple(str(v) for v in record_key(r)))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def find(path: Path, **key: Any) -> list[dict[str, Any]]:
+    return [r for r in load_records(path) if all(r.get(k) == v for k, v in key.items())]
+
+
+def chosen_form(a: argparse.Namespace) -> str | None:
+    """The objective's form of lowest validation MSE on ``FORM_CELL`` (any lookback)."""
+    runs = find(a.results / CHOICES, dataset=FORM_CELL.dataset, horizon=FORM_CELL.horizon, seed=0)
+    got = {(r["form"], r["lookback"]): r["val_mse"] for r in runs}
+    if any((f, lb) not in got for f in a.forms for lb in a.lookbacks):
+        return None
+    best: str = min(got, key=got.__getitem__)[0]
+    return best
+
+
+def chosen_lookback(a: argparse.Namespace, c: Cell) -> int | None:
+    form = chosen_form(a)
+    if form is None:
+        return None
+    runs = find(a.results / CHOICES, dataset=c.dataset, horizon=c.horizon, seed=0, form=form)
+    got = {r["lookback"]: r["val_mse"] for r in runs}
+    if set(got) != set(a.lookbacks):
+        return None
+    best: int = min(got, key=got.__getitem__)
+    return best
+
+
+def ensemble_of(a: argparse.Namespace, c: Cell, seed: int) -> dict[str, Any] | None:
+    """The cell's teacher-ensemble record of this seed (members, weighting), if trained."""
+    runs = find(
+        a.teacher_results, dataset=c.dataset, horizon=c.horizon, model="ensemble", seed=seed
+    )
+    return runs[0] if runs else None
+
+
+def _path(p: str) -> str:
+    return p if Path(p).is_absolute() else str(REPO / p)
+
+
+def _rel(p: Path) -> str:
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _data(a: argparse.Namespace, c: Cell, lookback: int) -> dict[str, Any]:
+    return {
+        "dataset": c.dataset,
+        "data_dir": str(a.data_dir),
+        "lookback": lookback,
+        "horizon": c.horizon,
+    }
+
+
+def _train(a: argparse.Namespace, budget: Budget, seed: int) -> dict[str, Any]:
+    return {
+        "threads": a.threads,
+        "progress": not a.no_progress,
+        "seed": seed,
+        "time_limit_s": budget.left(),
+        **(SMOKE_TRAIN if a.smoke else {}),
+    }
+
+
+def _budget(train: Any) -> dict[str, Any]:
+    keys = ("epochs", "patience", "batch_size", "lr", "lr_schedule", "max_train_batches")
+    return {k: getattr(train, k) for k in keys}
+
+
+def distill_one(
+    a: argparse.Namespace,
+    budget: Budget,
+    c: Cell,
+    seed: int,
+    lookback: int,
+    form: str,
+    model: str = "student",
+) -> dict[str, Any] | None:
+    """Distil one student from the cell's ensemble of ``seed``; its record (None: stopped)."""
+    ens = ensemble_of(a, c, seed)
+    if ens is None:
+        raise RuntimeError(f"no teacher ensemble for {c.dataset}-{c.horizon} seed {seed}")
+    out = a.work / f"{c.dataset}-H{c.horizon}-L{lookback}-{model}-{form}-s{seed}"
+    cfg = build_distill_config(
+        default_config_path(FORMS[form]),
+        data=_data(a, c, lookback),
+        train=_train(a, budget, seed),
+        distill={
+            "teachers": tuple(_path(m) for m in ens["members"]),
+            "weighting": ens["weighting"],
+            **ABLATIONS.get(model, {}),
+        },
+        out_dir=str(out),
+        resume=True,
+    )
+    res = run_distill(cfg)
+    fit = res.fit
+    if not fit.finished:
+        return None
+    return {
+        "dataset": c.dataset,
+        "horizon": c.horizon,
+        "lookback": lookback,
+        "model": model,
+        "seed": seed,
+        "mse": round(fit.test["mse"], 5),
+        "mae": round(fit.test["mae"], 5),
+        "params": res.params,
+        "train_seconds": round(fit.train_seconds + res.teacher_seconds, 1),
+        "teacher_seconds": round(res.teacher_seconds, 1),
+        "val_mse": round(fit.val["mse"], 5),
+        "epochs": fit.epochs_run,
+        "best_epoch": fit.best_epoch,
+        "form": form,
+        "alpha": res.alpha,
+        "beta": res.beta,
+        "weighting": res.weighting,
+        "teachers": [_rel(Path(_path(m))) for m in ens["members"]],
+        "budget": {"train": _budget(cfg.run.train), "distill": _distill_budget(cfg.distill)},
+        "run": _rel(out),
+    }
+
+
+def _distill_budget(d: Any) -> dict[str, Any]:
+    keys = (
+        "temperature",
+        "scales",
+        "pool_kernel",
+        "feature_terms",
+        "period",
+        "scale",
+        "fft_norm",
+        "feature_norm",
+        "kl_reduction",
+    )
+    return {k: getattr(d, k) for k in keys}
+
+
+def mlp_one(
+    a: argparse.Namespace, budget: Budget, c: Cell, seed: int, lookback: int
+) -> dict[str, Any] | None:
+    out = a.work / f"{c.dataset}-H{c.horizon}-L{lookback}-mlp-s{seed}"
+    run = build_run_config(
+        "mlp", None, _data(a, c, lookback), _train(a, budget, seed), out_dir=str(out)
+    )
+    fit = run_train(run, resume=True)
+    if not fit.finished:
+        return None
+    info = json.loads((out / "run.json").read_text())
+    return {
+        "dataset": c.dataset,
+        "horizon": c.horizon,
+        "lookback": lookback,
+        "model": "mlp",
+        "seed": seed,
+        "mse": round(fit.test["mse"], 5),
+        "mae": round(fit.test["mae"], 5),
+        "params": info["params"],
+        "train_seconds": round(fit.train_seconds, 1),
+        "val_mse": round(fit.val["mse"], 5),
+        "epochs": fit.epochs_run,
+        "best_epoch": fit.best_epoch,
+        "budget": {"train": _budget(run.train)},
+        "run": _rel(out),
+    }
+
+
+def ensemble_record(a: argparse.Namespace, c: Cell, seed: int) -> dict[str, Any]:
+    """The teacher ensemble as a peer of the student: ``teachers.json``'s record, with the
+    members' parameters and fine-tuning seconds summed (their pretraining is shared by the
+    cells and listed apart)."""
+    from safetensors import safe_open
+
+    ens = ensemble_of(a, c, seed)
+    assert ens is not None
+    members = [
+        r
+        for r in load_records(a.teacher_results)
+        if r.get("run") in ens["members"] and r["seed"] == seed
+    ]
+    params = 0
+    for m in ens["members"]:
+        with safe_open(str(Path(_path(m)) / "best.safetensors"), "pt") as f:
+            params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    return {
+        "dataset": c.dataset,
+        "horizon": c.horizon,
+        "lookback": ens["lookback"],
+        "model": "ensemble",
+        "seed": seed,
+        "mse": ens["mse"],
+        "mae": ens["mae"],
+        "params": params,
+        "train_seconds": round(sum(r["finetune_seconds"] for r in members), 1),
+        "pretrain_seconds": round(sum(r.get("pretrain_seconds") or 0 for r in members), 1),
+        "val_mse": ens["val_mse"],
+        "weighting": ens["weighting"],
+        "teachers": ens["members"],
+    }
+
+
+def peer_one(
+    a: argparse.Namespace, budget: Budget, c: Cell, seed: int, name: str
+) -> dict[str, Any] | None:
+    from bench.peers import run_peer
+    from training.data import prepare
+
+    data = prepare(build_run_config("mlp", None, _data(a, c, PEER_LOOKBACK)).data)
+    res = run_peer(name, data, seed, a.threads, time_left=budget.left, smoke=a.smoke)
+    if not res.finished:
+        return None  # neuralforecast cannot resume: the next invocation starts it over
+    return {
+        "dataset": c.dataset,
+        "horizon": c.horizon,
+        "lookback": PEER_LOOKBACK,
+        "model": name,
+        "seed": seed,
+        "mse": round(res.test["mse"], 5),
+        "mae": round(res.test["mae"], 5),
+        "params": res.params,
+        "train_seconds": round(res.train_seconds, 1),
+        "val_mse": round(res.val_mse, 5),
+        "epochs": res.epochs_run,
+        "best_epoch": res.best_epoch,
+        "budget": res.budget,
+    }
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+def cells(a: argparse.Namespace) -> list[Cell]:
+    return [Cell(d, h) for h in a.horizons for d in a.datasets]
+
+
+def _done(a: argparse.Namespace, **key: Any) -> bool:
+    return bool(find(a.results / RECORDS, **key))
+
+
+def _record(a: argparse.Namespace, record: dict[str, Any] | None) -> bool:
+    if record is None:
+        return False
+    save_record(a.results / RECORDS, record)
+    log.info("record: %s", json.dumps({k: record.get(k) for k in RECORD_FIELDS}))
+    return True
+
+
+def _choice(a: argparse.Namespace, budget: Budget, c: Cell, lookback: int, form: str) -> bool:
+    record = distill_one(a, budget, c, 0, lookback, form)
+    if record is None:
+        return False
+    keep = ("dataset", "horizon", "lookback", "seed", "form", "val_mse", "epochs", "best_epoch")
+    save_record(a.results / CHOICES, {**{k: record[k] for k in keep}, "model": "student"})
+    return True
+
+
+def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:  # noqa: C901
+    """Every missing run whose prerequisites are met, stage by stage in ``a.stages`` order."""
+    form = chosen_form(a)
+    for stage in a.stages:
+        for c in cells(a) if stage != "ablation" else [x for x in ABLATION_CELLS if x in cells(a)]:
+            if stage == "choose":
+                forms = a.forms if c == FORM_CELL else ((form,) if form else ())
+                for f in forms:
+                    if ensemble_of(a, c, 0) is None:
+                        continue
+                    for lb in a.lookbacks:
+                        key = {"dataset": c.dataset, "horizon": c.horizon, "seed": 0}
+                        if not find(a.results / CHOICES, **key, lookback=lb, form=f):
+                            yield Task(
+                                stage,
+                                f"{c.dataset}-{c.horizon} L{lb} {f}",
+                                lambda c=c, lb=lb, f=f: _choice(a, budget, c, lb, f),
+                            )
+                continue
+            lookback = chosen_lookback(a, c)
+            for seed in a.seeds:
+                key = {"dataset": c.dataset, "horizon": c.horizon, "seed": seed}
+                if stage in ("student", "ablation"):
+                    if lookback is None or form is None or ensemble_of(a, c, seed) is None:
+                        continue
+                    models = ["student"] if stage == "student" else list(ABLATIONS)
+                    if form == "authors":  # the authors' loss is the chosen form already
+                        models = [m for m in models if m != "student-authors-loss"]
+                    for m in models:
+                        if not _done(a, **key, model=m):
+                            yield Task(
+                                stage,
+                                f"{m} {c.dataset}-{c.horizon} s{seed}",
+                                lambda c=c, s=seed, lb=lookback, m=m: _record(
+                                    a, distill_one(a, budget, c, s, lb, form, m)
+                                ),
+                            )
+                elif stage == "ensemble":
+                    if ensemble_of(a, c, seed) is not None and not _done(
+                        a, **key, model="ensemble"
+                    ):
+                        yield Task(
+                            stage,
+                            f"ensemble {c.dataset}-{c.horizon} s{seed}",
+                            lambda c=c, s=seed: _record(a, ensemble_record(a, c, s)),
+                        )
+                elif stage == "mlp":
+                    if lookback is not None and not _done(a, **key, model="mlp"):
+                        yield Task(
+                            stage,
+                            f"mlp {c.dataset}-{c.horizon} L{lookback} s{seed}",
+                            lambda c=c, s=seed, lb=lookback: _record(
+                                a, mlp_one(a, budget, c, s, lb)
+                            ),
+                        )
+                elif stage == "peers":
+                    for name in a.peers:
+                        if not _done(a, **key, model=name):
+                            yield Task(
+                                stage,
+                                f"{name} {c.dataset}-{c.horizon} s{seed}",
+                                lambda c=c, s=seed, n=name: _record(
+                                    a, peer_one(a, budget, c, s, n)
+                                ),
+                            )
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    budget = Budget(a.time_limit)
+    a.results.mkdir(parents=True, exist_ok=True)
+    done = 0
+    while True:
+        pending = next(tasks(a, budget), None)  # re-planned after each run: records unlock more
+        if pending is None:
+            log.info("nothing left to run for stages %s (%d runs done)", a.stages, done)
+            return 0
+        if budget.spent():
+            log.info("time limit reached; next would be %s %s", pending.stage, pending.label)
+            return 0
+        log.info("[%s] %s", pending.stage, pending.label)
+        if not pending.run():
+            log.info("time limit reached during %s %s", pending.stage, pending.label)
+            return 0
+        done += 1
+
+
+# --------------------------------------------------------------------------- report
+
+# Published test MSE per (dataset, horizon): PatchTST/64 (Nie et al., 2023, Table 3; L = 512) and
+# DLinear (Zeng et al., 2023, Table 2; L = 336).
+PUBLISHED = {
+    "PatchTST/64 (published)": {
+        ("ETTh1", 96): 0.370,
+        ("ETTh1", 192): 0.413,
+        ("ETTh1", 336): 0.422,
+        ("ETTh1", 720): 0.447,
+        ("ETTh2", 96): 0.274,
+        ("ETTh2", 192): 0.341,
+        ("ETTh2", 336): 0.329,
+        ("ETTh2", 720): 0.379,
+    },
+    "DLinear (published)": {
+        ("ETTh1", 96): 0.375,
+        ("ETTh1", 192): 0.405,
+        ("ETTh1", 336): 0.439,
+        ("ETTh1", 720): 0.472,
+        ("ETTh2", 96): 0.289,
+        ("ETTh2", 192): 0.383,
+        ("ETTh2", 336): 0.448,
+        ("ETTh2", 720): 0.605,
+    },
+}
+MAIN_ROWS = ("student", "ensemble", "mlp", *PEER_NAMES)
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m, sd = mean_std(values)
+    return f"{m:.4f} ± {sd:.4f} ({len(values)})"
+
+
+def _by(records: list[dict[str, Any]], c: Cell, model: str, field: str = "mse") -> list[float]:
+    rows = [
+        r
+        for r in records
+        if (r["dataset"], r["horizon"], r["model"]) == (c.dataset, c.horizon, model)
+    ]
+    return [float(r[field]) for r in sorted(rows, key=lambda r: r["seed"])]
+
+
+def write_report(results: Path = RESULTS) -> int:
+    records = load_records(results / RECORDS)
+    choices = load_records(results / CHOICES)
+    all_cells = [Cell(d, h) for d in DATASETS for h in HORIZONS]
+    lines = [
+        "# Students against their peers",
+        "",
+        "Reproduce: `python bench/students.py run` (after `python bench/teachers.py run` has the",
+        'cells\' ensembles; the peers need `pip install -c requirements.lock -e ".[peers]"`), then',
+        "`python bench/students.py report`. Test MSE (z-scored, every test window), mean ± sample",
+        "std over seeds (count in brackets); lookback and the objective's form chosen on",
+        "validation (below). A difference smaller than the spread is not a win.",
+        "",
+        "| cell | " + " | ".join(MAIN_ROWS) + " | " + " | ".join(PUBLISHED) + " |",
+        "|---|" + "---|" * (len(MAIN_ROWS) + len(PUBLISHED)),
+    ]
+    for c in all_cells:
+        row = [_fmt(_by(records, c, m)) for m in MAIN_ROWS]
+        pub = [f"{PUBLISHED[p][(c.dataset, c.horizon)]:.3f}" for p in PUBLISHED]
+        lines.append(f"| {c.dataset}-{c.horizon} | " + " | ".join(row + pub) + " |")
+    lines += ["", "## Student minus each peer, paired by seed (test MSE)", ""]
+    lines += ["| cell | " + " | ".join(MAIN_ROWS[1:]) + " |", "|---|" + "---|" * 4]
+    for c in all_cells:
+        student = {r["seed"]: r["mse"] for r in records if _is(r, c, "student")}
+        diffs = []
+        for m in MAIN_ROWS[1:]:
+            other = {r["seed"]: r["mse"] for r in records if _is(r, c, m)}
+            d = [student[s] - other[s] for s in sorted(student) if s in other]
+            diffs.append(
+                "-" if not d else f"{mean_std(d)[0]:+.4f} ± {mean_std(d)[1]:.4f} ({len(d)})"
+            )
+        lines.append(f"| {c.dataset}-{c.horizon} | " + " | ".join(diffs) + " |")
+    lines += ["", "## Ablations (test MSE)", ""]
+    abl = ("student", *ABLATIONS)
+    lines += ["| cell | " + " | ".join(abl) + " |", "|---|" + "---|" * len(abl)]
+    for c in ABLATION_CELLS:
+        lines.append(
+            f"| {c.dataset}-{c.horizon} | "
+            + " | ".join(_fmt(_by(records, c, m)) for m in abl)
+            + " |"
+        )
+    lines += ["", "## Speed and size", ""]
+    lines += ["| cell | model | params | train seconds (mean) |", "|---|---|---|---|"]
+    for c in all_cells:
+        for m in MAIN_ROWS:
+            p = _by(records, c, m, "params")
+            s = _by(records, c, m, "train_seconds")
+            if p:
+                lines.append(
+                    f"| {c.dataset}-{c.horizon} | {m} | {int(p[0])} | {mean_std(s)[0]:.0f} |"
+                )
+    lines += ["", "## Choices (validation MSE, seed 0)", ""]
+    lines += ["| cell | form | lookback | val MSE |", "|---|---|---|---|"]
+    for r in sorted(choices, key=lambda r: (r["dataset"], r["horizon"], r["form"], r["lookback"])):
+        lines.append(
+            f"| {r['dataset']}-{r['horizon']} | {r['form']} | {r['lookback']} "
+            f"| {r['val_mse']:.4f} |"
+        )
+    (results / "students.md").write_text("\n".join(lines) + "\n")
+    log.info("wrote %s", results / "students.md")
+    return 0
+
+
+def _is(r: dict[str, Any], c: Cell, model: str) -> bool:
+    return (r["dataset"], r["horizon"], r["model"]) == (c.dataset, c.horizon, model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    runp = sub.add_parser("run", help="every missing run of the given stages, in order")
+    runp.add_argument("--stages", type=lambda t: tuple(t.split(",")), default=STAGES)
+    runp.add_argument("--datasets", type=lambda t: tuple(t.split(",")), default=DATASETS)
+    runp.add_argument(
+        "--horizons", type=lambda t: tuple(int(h) for h in t.split(",")), default=HORIZONS
+    )
+    runp.add_argument("--seeds", type=lambda t: tuple(int(s) for s in t.split(",")), default=SEEDS)
+    runp.add_argument(
+        "--lookbacks", type=lambda t: tuple(int(x) for x in t.split(",")), default=LOOKBACKS
+    )
+    runp.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
+    runp.add_argument("--peers", type=lambda t: tuple(t.split(",")), default=PEER_NAMES)
+    runp.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    runp.add_argument("--work", type=Path, default=WORK)
+    runp.add_argument("--threads", type=int, default=2)
+    runp.add_argument("--time-limit", type=float, default=None, help="seconds for this invocation")
+    runp.add_argument("--no-progress", action="store_true")
+    runp.add_argument("--results", type=Path, default=RESULTS, help="where the records go")
+    runp.add_argument(
+        "--teacher-results",
+        type=Path,
+        default=None,
+        help=f"the teachers' records (default: RESULTS/{TEACHER_RECORDS})",
+    )
+    runp.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
+    runp.set_defaults(handler=cmd_run)
+    rep = sub.add_parser("report", help="bench/results/students.md")
+    rep.add_argument("--results", type=Path, default=RESULTS)
+    rep.set_defaults(handler=lambda a: write_report(a.results))
+    a = p.parse_args(argv)
+    if a.command == "run":
+        for stage in a.stages:
+            if stage not in STAGES:
+                p.error(f"--stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+        for f in a.forms:
+            if f not in FORMS:
+                p.error(f"--forms: unknown form {f!r}; choose from {', '.join(FORMS)}")
+        for n in a.peers:
+            if n not in PEER_NAMES:
+                p.error(f"--peers: unknown peer {n!r}; choose from {', '.join(PEER_NAMES)}")
+        if a.teacher_results is None:
+            a.teacher_results = a.results / TEACHER_RECORDS
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return int(a.handler(a))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
