@@ -169,7 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                  settings.redis_prefix)
         executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ort")
         pool = ModelPool(registry, _pool_options(settings), executor=executor,
-                         load_hint=services.load.get)
+                         load_hint=services.load.get, observer=metrics.PrometheusObserver())
         predictor = Predictor(
             pool,
             default_model=settings.default_model,

@@ -8,7 +8,7 @@ values in per-process files and `/metrics` aggregates every worker's; gauges say
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -132,3 +132,43 @@ def mark_process_dead(pid: int) -> None:
     """Drop a finished worker's live gauges (multiprocess mode only)."""
     if multiprocess_dir():
         _mp.mark_process_dead(pid)
+
+
+class _PrometheusBatch:
+    """One served version's session-call series, labelled once at load (not per call)."""
+
+    __slots__ = ("_inference", "_rows", "_wait")
+
+    def __init__(self, name: str, version: int, provider: str) -> None:
+        self._inference = INFERENCE_DURATION.labels(name, str(version), provider)
+        self._rows = BATCH_ROWS.labels(name)
+        self._wait = QUEUE_WAIT.labels(name)
+
+    def on_batch(self, rows: int, seconds: float, waits: Sequence[float]) -> None:
+        self._inference.observe(seconds)
+        self._rows.observe(rows)
+        for w in waits:
+            self._wait.observe(w)
+
+
+class PrometheusObserver:
+    """The core's `service.core.observer.Observer`, reported through the metrics above."""
+
+    def batch_observer(self, name: str, version: int, provider: str) -> _PrometheusBatch:
+        return _PrometheusBatch(name, version, provider)
+
+    def model_load(self, name: str, outcome: str) -> None:
+        MODEL_LOADS.labels(name, outcome).inc()
+
+    def model_loaded(
+        self, name: str, version: int, kind: str, provider: str, loaded: bool
+    ) -> None:
+        MODEL_LOADED.labels(name, str(version), kind, provider).set(1 if loaded else 0)
+
+    def model_swap(self, name: str, alias: str) -> None:
+        MODEL_SWAPS.labels(name, alias).inc()
+
+    def shadow_gaps(self, name: str, gaps: Sequence[float]) -> None:
+        hist = SHADOW_GAP.labels(name)
+        for gap in gaps:
+            hist.observe(gap)

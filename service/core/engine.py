@@ -31,8 +31,9 @@ def choose_providers(preferred: Sequence[str], available: Sequence[str]) -> list
 class OrtEngine:
     """One ONNX graph in one InferenceSession. `run` is thread-safe (ORT sessions are).
 
-    `provider` is the provider ONNX Runtime actually placed the session on, which is what metrics
-    and `/v1/models` report: a CUDA request on a machine without a usable GPU reads CPU there.
+    `provider` is the provider ONNX Runtime actually placed the session on, which is what the
+    observer and `/v1/models` report: a CUDA request on a machine without a usable GPU reads CPU
+    there.
     """
 
     def __init__(self, onnx_bytes: bytes, options: EngineOptions, *, label: str = "") -> None:

@@ -10,10 +10,10 @@ from contextlib import contextmanager
 import numpy as np
 
 from models_registry.manifest import Manifest, ModelRef
-from service import metrics
 from service.core.batcher import DynamicBatcher
 from service.core.engine import OrtEngine
 from service.core.intervals import Calibration
+from service.core.observer import NULL_OBSERVER, Observer
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,12 @@ class ServedModel:
     """
 
     def __init__(
-        self, manifest: Manifest, engines: list[OrtEngine], batcher_factory: BatcherFactory
+        self,
+        manifest: Manifest,
+        engines: list[OrtEngine],
+        batcher_factory: BatcherFactory,
+        *,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.manifest = manifest
         self.name = manifest.name
@@ -44,11 +49,8 @@ class ServedModel:
         )
         self.provider = ",".join(sorted({e.provider for e in engines}))
         self.label = f"{self.name}@{self.version}"
-        self._inference = metrics.INFERENCE_DURATION.labels(
-            self.name, str(self.version), self.provider
-        )
-        self._rows = metrics.BATCH_ROWS.labels(self.name)
-        self._wait = metrics.QUEUE_WAIT.labels(self.name)
+        self.on_batch = observer.batch_observer(self.name, self.version, self.provider).on_batch
+        """Called by the batcher after each session call: (rows, seconds, queue waits)."""
         self.inflight = 0
         self.retired = False
         self._idle = asyncio.Event()
@@ -68,12 +70,6 @@ class ServedModel:
             total += engine.run(x)
         total /= len(self.engines)
         return total
-
-    def on_batch(self, rows: int, seconds: float, waits: list[float]) -> None:
-        self._inference.observe(seconds)
-        self._rows.observe(rows)
-        for w in waits:
-            self._wait.observe(w)
 
     def warmup(self) -> None:
         """Run the graph once per warm-up size: checks the output shape, seeds the cost model."""

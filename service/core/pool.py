@@ -22,11 +22,11 @@ from models_registry.errors import IntegrityError, RegistryError
 from models_registry.errors import ModelNotFound as RegistryModelNotFound
 from models_registry.manifest import DEFAULT_ALIAS, AliasEvent, Manifest, ModelRef
 from models_registry.registry import Registry
-from service import metrics
 from service.core.batcher import DynamicBatcher
 from service.core.engine import EngineOptions, OrtEngine
 from service.core.errors import ModelNotFound, ModelUnavailable
 from service.core.models import ServedModel
+from service.core.observer import NULL_OBSERVER, Observer
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,12 @@ class ModelPool:
         *,
         executor: Executor | None = None,
         load_hint: Callable[[], int] | None = None,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.registry = registry
         self.options = options
         self.executor = executor
+        self.observer = observer
         self._load_hint = load_hint
         self._names: dict[str, _NameState] = {}
         self._served: dict[Key, ServedModel] = {}
@@ -243,14 +245,14 @@ class ModelPool:
             for ref in refs:
                 sessions.append(await self._engine(ref))
                 engines.append((ref.name, ref.version))
-            served = ServedModel(manifest, sessions, self._make_batcher)
+            served = ServedModel(manifest, sessions, self._make_batcher, observer=self.observer)
             await asyncio.to_thread(served.warmup)
         except Exception as exc:
             for engine_key in engines:
                 self._engines.release(engine_key)
             reason = type(exc).__name__
             self.failed[key] = f"{reason}: {exc}"
-            metrics.MODEL_LOADS.labels(name, reason).inc()
+            self.observer.model_load(name, reason)
             kind = "integrity_refused" if isinstance(exc, IntegrityError) else "load_failed"
             log.error("loading %s@%d failed; the previous version keeps serving: %s",
                       name, key[1], exc,
@@ -258,8 +260,8 @@ class ModelPool:
             raise
         self.failed.pop(key, None)
         self._served[key] = served
-        metrics.MODEL_LOADS.labels(name, "ok").inc()
-        metrics.MODEL_LOADED.labels(name, str(key[1]), served.kind, served.provider).set(1)
+        self.observer.model_load(name, "ok")
+        self.observer.model_loaded(name, key[1], served.kind, served.provider, True)
         log.info("loaded %s (%s, %s)", served.label, served.kind, served.provider,
                  extra={"event": "load", "model": name, "version": key[1],
                         "kind": served.kind, "provider": served.provider})
@@ -337,7 +339,7 @@ class ModelPool:
                 before = old.aliases.get(alias) if old is not None else None
                 if before != version and alias not in LAZY_ALIASES:
                     if old is not None:
-                        metrics.MODEL_SWAPS.labels(name, alias).inc()
+                        self.observer.model_swap(name, alias)
                     log.info("%s@%s now serves version %d (was %s)", name, alias, version,
                              before, extra={"event": "swap", "model": name, "alias": alias,
                                             "old_version": before, "new_version": version})
@@ -374,9 +376,8 @@ class ModelPool:
         await served.batcher.close()
         for ref in served.members:
             self._engines.release((ref.name, ref.version))
-        metrics.MODEL_LOADED.labels(
-            served.name, str(served.version), served.kind, served.provider
-        ).set(0)
+        self.observer.model_loaded(served.name, served.version, served.kind, served.provider,
+                                   False)
         log.info("released %s", served.label,
                  extra={"event": "release", "model": served.name, "version": served.version})
 

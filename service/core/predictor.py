@@ -16,7 +16,6 @@ import numpy as np
 
 from models_registry.errors import RegistryError
 from models_registry.store import parse_ref
-from service import metrics
 from service.core.batcher import Timing
 from service.core.errors import InvalidInput, ModelNotFound, ServiceError
 from service.core.intervals import window_scale
@@ -339,9 +338,7 @@ class Predictor:
             return
         scale = window_scale(x)[:, None, :]  # [B, 1, C]
         gaps = (np.abs(y - ye) / scale).mean(axis=(1, 2))
-        hist = metrics.SHADOW_GAP.labels(model)
-        for gap in gaps.tolist():
-            hist.observe(gap)
+        self.pool.observer.shadow_gaps(model, gaps.tolist())
 
     async def close(self) -> None:
         for task in list(self._shadows):
