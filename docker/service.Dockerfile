@@ -15,8 +15,7 @@ FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DISTILCAST_REGISTRY_ROOT=/var/lib/distilcast/registry \
-    DISTILCAST_PORT=8000 \
-    DISTILCAST_WORKERS=2
+    DISTILCAST_PORT=8000
 RUN groupadd --system --gid 10001 distilcast \
     && useradd --system --uid 10001 --gid distilcast --home-dir /app --shell /usr/sbin/nologin distilcast \
     && mkdir -p /var/lib/distilcast/registry \
@@ -28,5 +27,7 @@ USER distilcast
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('DISTILCAST_PORT', '8000'), timeout=2)"]
-# The same launch script that `scripts/serve.sh` (the README's main command) ends with.
+# The same launch script that `scripts/serve.sh` (the README's main command) ends with: one
+# uvicorn worker per CPU the container sees (`nproc`); DISTILCAST_WORKERS=N, or the command
+# `bash scripts/launch_service.sh --workers N`, sets the count.
 CMD ["bash", "scripts/launch_service.sh"]

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Launch the forecasting service under uvicorn.
 #
-#   scripts/launch_service.sh
+#   scripts/launch_service.sh [--workers N]
 #
 # Environment: PORT or DISTILCAST_PORT (default 8000), HOST or DISTILCAST_HOST (default 0.0.0.0),
-# WORKERS or DISTILCAST_WORKERS (default 1), PYTHON (default .venv/bin/python when present),
+# WORKERS or DISTILCAST_WORKERS (default: the CPU count, `nproc`; --workers wins over both),
+# DISTILCAST_HEAD_TIMEOUT_S (default 10: a connection whose request head is not complete in that
+# time is closed, see service/launch.py), PYTHON (default .venv/bin/python when present),
 # UVICORN_ARGS (extra flags), and every DISTILCAST_* setting (service/config.py). The registry
 # must hold a model (scripts/build_default_model.sh builds the default one).
 # Prometheus multiprocess mode is always on: every worker writes its metrics under
@@ -17,9 +19,18 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
+workers_flag=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --workers) workers_flag="${2:-}"; shift 2 || { echo "--workers needs a count" >&2; exit 2; };;
+        --workers=*) workers_flag="${1#--workers=}"; shift;;
+        *) echo "unknown argument: $1 (only --workers N)" >&2; exit 2;;
+    esac
+done
+
 PORT="${PORT:-${DISTILCAST_PORT:-8000}}"
 HOST="${HOST:-${DISTILCAST_HOST:-0.0.0.0}}"
-WORKERS="${WORKERS:-${DISTILCAST_WORKERS:-1}}"
+WORKERS="${workers_flag:-${WORKERS:-${DISTILCAST_WORKERS:-$(nproc)}}}"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi

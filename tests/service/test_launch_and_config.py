@@ -122,3 +122,52 @@ def test_settings_are_not_read_at_import() -> None:
                        text=True)
     assert r.returncode != 0 and "batch_max_size" in r.stderr  # fails at get_settings()
     get_settings.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_request_head_sent_too_slowly_is_closed(registry_root: Path) -> None:
+    """Slowloris: a connection that sends nothing, and one that sends its head a byte at a time,
+    are closed after DISTILCAST_HEAD_TIMEOUT_S; a prompt request on another connection is
+    answered meanwhile, and a kept-alive connection is not cut by the head timer."""
+    port = free_port()
+    env = {"PORT": str(port), "WORKERS": "1", "DISTILCAST_HEAD_TIMEOUT_S": "1.5",
+           "DISTILCAST_REGISTRY_ROOT": str(registry_root)}
+    with launched(env):
+        silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+        trickle = socket.create_connection(("127.0.0.1", port), timeout=10)
+        opened = time.monotonic()
+        head = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 100
+        closed_at: float | None = None
+        trickle.setblocking(False)
+        for byte in head:
+            try:
+                trickle.send(bytes([byte]))
+                if trickle.recv(1, socket.MSG_PEEK) == b"":
+                    closed_at = time.monotonic()
+                    break
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed_at = time.monotonic()
+                break
+            time.sleep(0.05)
+            if time.monotonic() - opened > 6:
+                break
+        assert closed_at is not None and 1.3 < closed_at - opened < 4.0
+        silent.settimeout(5)
+        assert silent.recv(1) == b""  # closed by the server, nothing answered
+        assert time.monotonic() - opened < 6.0
+        # A kept-alive connection idle for longer than the head timeout between two requests is
+        # governed by uvicorn's keep-alive timeout (5 s), not by the head timer.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as kept:
+            for pause in (0.0, 2.0):
+                time.sleep(pause)
+                kept.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                answer = b""
+                while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                    chunk = kept.recv(4096)
+                    assert chunk, f"closed after {pause} s idle: {answer!r}"
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 200")
+        silent.close()
+        trickle.close()
