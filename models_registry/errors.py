@@ -13,7 +13,13 @@ class RegistryError(Exception):
 
 
 class InvalidName(RegistryError, ValueError):
-    """A model name, alias or reference is malformed or would escape the registry root."""
+    """A model name, alias or reference is malformed or would escape the registry root.
+
+    `part` says which: "name" (a model name or reference), "alias" or "version"."""
+
+    def __init__(self, message: str, *, part: str = "name") -> None:
+        self.part = part
+        super().__init__(message)
 
 
 class ModelNotFound(RegistryError, LookupError):
@@ -57,6 +63,11 @@ class IntegrityError(RegistryError):
 
 class ManifestError(RegistryError):
     """A manifest.json or aliases.json on disk is unreadable or does not validate."""
+
+
+class StorageFull(RegistryError):
+    """The registry's filesystem ran out of space (or quota) during a write. What was being
+    written is rolled back: no partial version is visible and the alias map is unchanged."""
 
 
 class CacheUnavailable(RegistryError):

@@ -28,6 +28,7 @@ lock, so every path (CLI, admin API, training pipeline) gets the same gate and h
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -58,6 +59,7 @@ from models_registry.errors import (
     ModelNotFound,
     PromotionRefused,
     RegistryError,
+    StorageFull,
     VersionNotFound,
 )
 from models_registry.manifest import (
@@ -148,6 +150,21 @@ def _append_line(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _space_for(what: str, root: Path) -> Iterator[None]:
+    """ENOSPC/EDQUOT during `what` becomes `StorageFull`, naming the registry's filesystem (the
+    callers roll back what they had written before re-raising)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(
+                f"{what}: no space left on the registry's filesystem ({root}): nothing was "
+                "changed; free space and retry"
+            ) from exc
+        raise
 
 
 def check_gate(
@@ -431,17 +448,18 @@ class FilesystemStore:
                 f"ONNX bytes passed to register({name!r})", manifest.sha256, digest
             )
         manifest = manifest.model_copy(update={"sha256": digest})
-        tmp = self._new_tmp_dir(self.model_dir(name))
-        try:
-            # The large write happens before taking the lock, so concurrent registrations only
-            # serialise on numbering and renaming.
-            _write_new_file(tmp / ONNX_FILE, onnx_bytes)
-            with self._lock(name):
-                self._check_kind(name, manifest.kind)
-                return self._publish_version(name, tmp, manifest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        with _space_for(f"registering a version of {name!r}", self.root):
+            tmp = self._new_tmp_dir(self.model_dir(name))
+            try:
+                # The large write happens before taking the lock, so concurrent registrations
+                # only serialise on numbering and renaming.
+                _write_new_file(tmp / ONNX_FILE, onnx_bytes)
+                with self._lock(name):
+                    self._check_kind(name, manifest.kind)
+                    return self._publish_version(name, tmp, manifest)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
 
     def _member_manifests(self, members: Sequence[ModelRef]) -> list[Manifest]:
         manifests = []
@@ -607,10 +625,11 @@ class FilesystemStore:
                     name, alias, version, metric=gate.metric, candidate=gate.candidate,
                     current=gate.current, current_version=gate.current_version, tolerance=tol,
                 )
-            change = self._write_alias(
-                name, alias, version, actor=actor, gate=gate,
-                forced=bool(force and gate is not None and not gate.passed),
-            )
+            with _space_for(f"moving {name}@{alias} to {version}", self.root):
+                change = self._write_alias(
+                    name, alias, version, actor=actor, gate=gate,
+                    forced=bool(force and gate is not None and not gate.passed),
+                )
         log.info("alias %s@%s: %s -> %d (%s%s)", name, alias, change.previous, version, actor,
                  ", forced past the gate" if change.forced else "")
         return change
@@ -625,17 +644,28 @@ class FilesystemStore:
         gate: GateCheck | None,
         forced: bool,
     ) -> AliasChange:
-        """Under the model lock: write the alias map, then append the history line."""
+        """Under the model lock: write the new alias map under a temporary name, append the
+        history line, then rename the map into place. Every write that can run out of space
+        comes before the switch, so a full disk leaves the alias where it was (a rename takes no
+        new blocks)."""
         aliases = self.aliases(name)
         previous = aliases.get(alias)
         aliases[alias] = version
         payload = json.dumps(dict(sorted(aliases.items())), indent=2).encode()
-        _atomic_write(self.model_dir(name) / ALIASES_FILE, payload)
         change = AliasChange(
             time=datetime.now(UTC), name=name, alias=alias, previous=previous, version=version,
             actor=actor, forced=forced, gate=gate,
         )
-        _append_line(self.model_dir(name) / HISTORY_FILE, change.model_dump_json().encode())
+        path = self.model_dir(name) / ALIASES_FILE
+        tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
+        try:
+            _write_new_file(tmp, payload)
+            _append_line(self.model_dir(name) / HISTORY_FILE, change.model_dump_json().encode())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
         return change
 
     def history(self, name: str) -> list[AliasChange]:

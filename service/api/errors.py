@@ -28,6 +28,7 @@ STATUS: dict[type[core.ServiceError], int] = {
     core.Forbidden: 403,
     core.Conflict: 409,
     core.RateLimited: 429,
+    core.StorageFull: 507,
 }
 _REJECTED = (core.Overloaded, core.LimitExceeded, core.ShuttingDown, core.Unauthorized,
              core.Forbidden, core.RateLimited)
@@ -39,6 +40,8 @@ def from_registry(exc: reg.RegistryError, field: str | None = None) -> core.Serv
         return core.ModelNotFound(str(exc), field=field)
     if isinstance(exc, reg.InvalidName):
         return core.InvalidInput(str(exc), field=field)
+    if isinstance(exc, reg.StorageFull):
+        return core.StorageFull(str(exc))
     return core.Conflict(str(exc), field=field)
 
 

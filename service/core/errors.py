@@ -88,6 +88,12 @@ class ShuttingDown(ServiceError):
     code = "shutting_down"
 
 
+class StorageFull(ServiceError):
+    """The registry's filesystem is out of space; the change was rolled back (507)."""
+
+    code = "storage_full"
+
+
 class Conflict(ServiceError):
     """The registry refused a change (e.g. promoting a version that fails verification) (409)."""
 

@@ -739,6 +739,48 @@ def heavy_bytes(lookback: int, horizon: int, *, width: int = 1024, depth: int = 
     return model.SerializeToString()
 
 
+# -- a small filesystem that can run full --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size_kb: int) -> Iterator[Path]:
+    """A tmpfs of `size_kb` KiB mounted at `path` for the block (needs root, or CAP_SYS_ADMIN;
+    `FileSystemUnavailable` otherwise), unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k,mode=0755", "tmpfs",
+                           str(path)], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise FileSystemUnavailable(f"cannot mount a tmpfs at {path}: {made.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+class FileSystemUnavailable(RuntimeError):
+    """No small filesystem can be made here (not root, or mounts are not allowed)."""
+
+
+def fill(path: Path) -> int:
+    """Write a filler file in `path` until its filesystem is full; returns the bytes written."""
+    written = 0
+    chunk = b"\0" * 4096
+    with open(path / "filler", "ab", buffering=0) as f:
+        while True:
+            try:
+                written += f.write(chunk) or 0
+            except OSError:
+                break
+    for size in (512, 64, 1):  # the last partial page too
+        with open(path / "filler", "ab", buffering=0) as f:
+            try:
+                while True:
+                    written += f.write(b"\0" * size) or 0
+            except OSError:
+                pass
+    return written
+
+
 @dataclass
 class Timeline:
     """Named instants (monotonic seconds) of a scenario, reported relative to its start."""
