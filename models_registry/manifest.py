@@ -37,7 +37,8 @@ def check_name(name: str, what: str = "model name") -> str:
     # fullmatch, not match: `$` would accept a trailing newline.
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidName(
-            f"invalid {what} {name!r}: must match {NAME_PATTERN} and must not contain '..'"
+            f"invalid {what} {name!r}: must match {NAME_PATTERN} and must not contain '..'",
+            part="alias" if what == "alias" else "name",
         )
     return name
 
@@ -46,14 +47,16 @@ def check_alias(alias: str) -> str:
     """Validate an alias name. All-digit aliases are refused: `name@3` always means version 3."""
     check_name(alias, "alias")
     if alias.isdigit():
-        raise InvalidName(f"invalid alias {alias!r}: an alias cannot be all digits")
+        raise InvalidName(f"invalid alias {alias!r}: an alias cannot be all digits",
+                          part="alias")
     return alias
 
 
 def check_version(version: int) -> int:
     """Validate a version number (a positive int; bools are not versions)."""
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise InvalidName(f"invalid version {version!r}: must be an integer >= 1")
+        raise InvalidName(f"invalid version {version!r}: must be an integer >= 1",
+                          part="version")
     return version
 
 

@@ -21,7 +21,15 @@ from models_registry.store import FilesystemStore, parse_ref
 from service.batch import JobError
 from service.core.errors import ServiceError
 from service.core.intervals import Calibration
-from service.core.pool import ENSEMBLE_SUFFIX
+from service.core.modes import (
+    FastOnEnsemble,
+    NoEnsemble,
+    ensemble_among,
+    group_name,
+    group_version_of,
+    no_group,
+    route,
+)
 
 JobMode = Literal["fast", "accurate"]
 
@@ -60,22 +68,27 @@ def _resolve(store: FilesystemStore, ref: str) -> tuple[str, int]:
 
 
 def _group_for_version(store: FilesystemStore, name: str, version: int) -> tuple[str, int]:
-    """The ensemble a student version was distilled from (as `Predictor._group_for_version`)."""
-    refs = {(t.name, t.version) for t in store.manifest(name, version).teachers}
-    for ref_name, ref_version in sorted(refs):
-        if store.manifest(ref_name, ref_version).kind == "ensemble":
-            return ref_name, ref_version
-    group = name + ENSEMBLE_SUFFIX
-    if refs and group in store.list_models():
-        for v in sorted(store.list_versions(group), reverse=True):
-            members = store.manifest(group, v).members
-            if {(m.name, m.version) for m in members} == refs:
-                return group, v
-    raise JobError(f"--model: {name}@{version} records no teacher ensemble in this registry")
+    """The ensemble a student version was distilled from (`service.core.modes`, as the
+    Predictor reads it)."""
+    teachers = [(t.name, t.version) for t in store.manifest(name, version).teachers]
+    direct = ensemble_among(teachers, lambda ref: store.manifest(*ref).kind)
+    if direct is not None:
+        return direct
+    group = group_name(name)
+    if teachers and group in store.list_models():
+        candidates = [
+            (v, [(m.name, m.version) for m in store.manifest(group, v).members])
+            for v in store.list_versions(group)
+        ]
+        found = group_version_of(teachers, candidates)
+        if found is not None:
+            return group, found
+    raise JobError(f"--model: {no_group((name, version)).message}")
 
 
 def pin_model(store: FilesystemStore, ref: str, mode: JobMode) -> Target:
-    """Resolve `ref` for `mode` now; JobError (a clear message) when the registry cannot."""
+    """Resolve `ref` for `mode` now (the service's rules, `service.core.modes.route`); JobError
+    (a clear message) when the registry cannot."""
     try:
         name, selector = parse_ref(ref)
     except RegistryError as exc:
@@ -89,24 +102,20 @@ def pin_model(store: FilesystemStore, ref: str, mode: JobMode) -> Target:
         raise JobError(f"unknown model {name!r} in {store.root} (models: {known})") from None
     except RegistryError as exc:
         raise JobError(f"--model: {exc}") from None
-    if kind == "teacher":
-        raise JobError(f"{name} is a teacher: name the student (fast) or its ensemble (accurate)")
-    if kind == "ensemble":
-        if mode == "fast":
-            raise JobError(
-                f"{name} is a teacher ensemble: use --mode accurate, or name the student"
-            )
-        key = _resolve(store, ref)
-    elif mode == "fast":
-        key = _resolve(store, ref)
-    elif isinstance(selector, int):
-        _resolve(store, ref)
-        key = _group_for_version(store, name, selector)
-    else:
-        group = name + ENSEMBLE_SUFFIX
-        if group not in store.list_models():
-            raise JobError(f"{name} has no teacher ensemble ({group}): use --mode fast")
-        key = _resolve(store, group if selector is None else f"{group}@{selector}")
+    try:
+        r = route(name, kind, mode, selector, has_group=group_name(name) in store.list_models())
+    except FastOnEnsemble:
+        raise JobError(
+            f"{name} is a teacher ensemble: use --mode accurate, or name the student"
+        ) from None
+    except NoEnsemble:
+        raise JobError(f"{name} has no teacher ensemble ({group_name(name)}): use --mode fast"
+                       ) from None
+    except ServiceError as exc:
+        raise JobError(f"--model: {exc.message}") from None
+    key = _resolve(store, r.name if r.selector is None else f"{r.name}@{r.selector}")
+    if r.by_teachers:
+        key = _group_for_version(store, *key)
     return Target(store.manifest(*key))
 
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -26,6 +26,7 @@ from service.core.batcher import DynamicBatcher
 from service.core.engine import EngineOptions, OrtEngine
 from service.core.errors import ModelNotFound, ModelUnavailable
 from service.core.models import ServedModel
+from service.core.modes import ENSEMBLE_SUFFIX, group_name
 from service.core.observer import NULL_OBSERVER, Observer
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 LAZY_ALIASES = frozenset({STAGING_ALIAS})
 
 Key = tuple[str, int]
-ENSEMBLE_SUFFIX = "-ensemble"
 # Versions named explicitly by requests (name@3) stay loaded while recently used, up to this many.
 MAX_ON_DEMAND = 4
 
@@ -50,12 +50,15 @@ class PoolOptions:
     models: tuple[str, ...] = ()
 
 
-@dataclass(slots=True)
-class _NameState:
+@dataclass(frozen=True, slots=True)
+class ServingView:
+    """What one name serves on this replica; replaced whole on every sync (read it freely)."""
+
     kind: str
-    versions: list[int]
-    aliases: dict[str, int]
-    """The serving view: alias -> a loaded version."""
+    versions: tuple[int, ...]
+    """Every registered version."""
+    aliases: Mapping[str, int]
+    """The serving view: alias -> a loaded version (lazy aliases: loaded on first request)."""
     default: int | None
     """What a bare name serves: production if loaded, else the latest loaded."""
 
@@ -101,7 +104,7 @@ class ModelPool:
         self.executor = executor
         self.observer = observer
         self._load_hint = load_hint
-        self._names: dict[str, _NameState] = {}
+        self._names: dict[str, ServingView] = {}
         self._served: dict[Key, ServedModel] = {}
         self._on_demand: OrderedDict[Key, None] = OrderedDict()
         self._loading: dict[Key, asyncio.Task[ServedModel]] = {}
@@ -124,18 +127,28 @@ class ModelPool:
         state = self._names.get(name)
         return state.kind if state else None
 
-    def state(self, name: str) -> _NameState | None:
+    def view(self, name: str) -> ServingView | None:
+        """The serving view of `name` (None: not served here)."""
         return self._names.get(name)
 
     def served(self) -> list[ServedModel]:
         return list(self._served.values())
+
+    def loaded(self, name: str) -> list[ServedModel]:
+        """The versions of `name` loaded on this replica, oldest first."""
+        return sorted((s for k, s in self._served.items() if k[0] == name),
+                      key=lambda s: s.version)
+
+    def is_loaded(self, name: str, version: int) -> bool:
+        """Whether `name@version` is loaded (unlike `get`, does not count as a use)."""
+        return (name, version) in self._served
 
     def default_name(self) -> str | None:
         students = [n for n, s in self._names.items() if s.kind != "ensemble"]
         return students[0] if len(students) == 1 else None
 
     def group_of(self, name: str) -> str | None:
-        group = name + ENSEMBLE_SUFFIX
+        group = group_name(name)
         state = self._names.get(group)
         return group if state is not None and state.kind == "ensemble" else None
 
@@ -333,7 +346,7 @@ class ModelPool:
                 default: int | None = wanted_default
             else:
                 default = old.default if old is not None else None
-            new = _NameState(kind, versions, serving, default)
+            new = ServingView(kind, tuple(versions), serving, default)
             self._names[name] = new  # the atomic switch
             for alias, version in serving.items():
                 before = old.aliases.get(alias) if old is not None else None

@@ -11,6 +11,7 @@ import logging
 import random
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from service.core.batcher import Timing
 from service.core.errors import InvalidInput, ModelNotFound, ServiceError
 from service.core.intervals import window_scale
 from service.core.models import ServedModel
+from service.core.modes import Key, Selector, ensemble_among, group_version_of, no_group, route
 from service.core.pool import ModelPool
 from service.core.timeaxis import TimeAxis, from_start, from_timestamps
 from service.core.types import (
@@ -91,24 +93,31 @@ class Predictor:
         except RegistryError as exc:
             raise InvalidInput(str(exc), field="model") from None
 
-    async def _group_for_version(self, student: tuple[str, int]) -> tuple[str, int]:
+    async def _group_for_version(self, student: Key) -> Key:
         """The ensemble a student version was distilled from (its manifest's `teachers`)."""
-        manifest = await self.pool.manifest(student)
-        refs = {(t.name, t.version) for t in manifest.teachers}
-        for ref in refs:
-            if self.pool.kind(ref[0]) == "ensemble":
-                return ref
-        group = self.pool.group_of(student[0])
-        state = self.pool.state(group) if group else None
-        if group and state and refs:
-            for version in sorted(state.versions, reverse=True):
-                members = (await self.pool.manifest((group, version))).members
-                if {(m.name, m.version) for m in members} == refs:
-                    return group, version
-        raise ModelNotFound(
-            f"{student[0]}@{student[1]} records no teacher ensemble in this registry",
-            field="model",
-        )
+        pool = self.pool
+        teachers = [(t.name, t.version) for t in (await pool.manifest(student)).teachers]
+        direct = ensemble_among(teachers, lambda ref: pool.kind(ref[0]))
+        if direct is not None:
+            return direct
+        group = pool.group_of(student[0])
+        view = pool.view(group) if group else None
+        if group and view and teachers:
+            candidates = [
+                (v, [(m.name, m.version) for m in (await pool.manifest((group, v))).members])
+                for v in view.versions
+            ]
+            version = group_version_of(teachers, candidates)
+            if version is not None:
+                return group, version
+        raise no_group(student)
+
+    async def _key(self, name: str, kind: str, mode: Literal["fast", "accurate"],
+                   selector: Selector) -> Key:
+        """The version `mode` serves for `name@selector` (`service.core.modes.route`)."""
+        r = route(name, kind, mode, selector, has_group=self.pool.group_of(name) is not None)
+        key = await self.pool.resolve(r.name, r.selector)
+        return await self._group_for_version(key) if r.by_teachers else key
 
     async def _choose(self, req: ForecastRequest, rows: int) -> ServedModel:
         name, selector = self._model_ref(req.model)
@@ -116,33 +125,15 @@ class Predictor:
         kind = pool.kind(name)
         if kind is None:
             raise ModelNotFound(f"unknown model {name!r}", field="model")
+        if req.mode != "auto":
+            return await pool.obtain(await self._key(name, kind, req.mode, selector))
         if kind == "ensemble":
-            if req.mode == "fast":
-                raise InvalidInput(
-                    f"{name} is a teacher ensemble: use mode accurate or auto, or name the student",
-                    field="mode",
-                )
-            return await pool.obtain(await pool.resolve(name, selector))
-        if req.mode == "fast":
-            return await pool.obtain(await pool.resolve(name, selector))
-        group = pool.group_of(name)
-        if req.mode == "accurate":
-            if isinstance(selector, int):
-                key = await self._group_for_version(await pool.resolve(name, selector))
-            elif group is None:
-                raise ModelNotFound(f"{name} has no teacher ensemble ({name}-ensemble)",
-                                    field="model")
-            else:
-                key = await pool.resolve(group, selector)
-            return await pool.obtain(key)
+            return await pool.obtain(await self._key(name, kind, "accurate", selector))
         # auto: accurate when its predicted queue wait + compute fits the budget, else fast.
-        fast = await pool.obtain(await pool.resolve(name, selector))
-        accurate: ServedModel | None = None
+        fast = await pool.obtain(await self._key(name, kind, "fast", selector))
+        accurate: ServedModel | None
         try:
-            if isinstance(selector, int):
-                accurate = await pool.obtain(await self._group_for_version((name, selector)))
-            elif group is not None:
-                accurate = await pool.obtain(await pool.resolve(group, selector))
+            accurate = await pool.obtain(await self._key(name, kind, "accurate", selector))
         except ServiceError:
             accurate = None
         if accurate is None or (req.levels and accurate.calibration is None):

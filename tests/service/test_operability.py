@@ -183,7 +183,7 @@ def test_staging_is_served_on_request_not_loaded_eagerly(
         broken = store.register(
             manifest(NAME, "student", LOOKBACK, HORIZON, architecture="broken"), b"not onnx"
         ).version
-        wait_for(lambda: pool.state(NAME).aliases.get("staging") == broken)
+        wait_for(lambda: pool.view(NAME).aliases.get("staging") == broken)
         assert pool.failed.get((NAME, broken)) is None
         r = c.post("/v1/forecast", json=body)
         assert r.status_code == 503 and r.json()["error"]["field"] == "model"

@@ -30,7 +30,7 @@ def build_router(services: Services) -> APIRouter:
         registry = services.need_registry()
         return {
             "status": "ready",
-            "models": {n: s.default for n in pool.names() if (s := pool.state(n))},
+            "models": {n: v.default for n in pool.names() if (v := pool.view(n))},
             # Redis down does not make the replica unready: it serves its loaded models.
             "cache_available": registry.cache.available,
             "events": registry.listening,

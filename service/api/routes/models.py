@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from models_registry.errors import (
+    AliasNotFound,
     IntegrityError,
+    InvalidName,
     ManifestError,
     PromotionRefused,
     RegistryError,
+    VersionNotFound,
 )
 from models_registry.errors import ModelNotFound as RegistryModelNotFound
 from models_registry.manifest import DEFAULT_ALIAS, Manifest
@@ -31,7 +35,8 @@ from service.api.schemas import (
     ReadyOut,
     VersionCard,
 )
-from service.core.errors import Conflict, Forbidden, ModelNotFound, Unauthorized
+from service.core.errors import Conflict, Forbidden, ModelNotFound, ServiceError, Unauthorized
+from service.core.models import ServedModel
 from service.logs import event as log_event
 from service.logs import request_id
 
@@ -54,9 +59,23 @@ def check_admin(services: Services, authorization: str | None) -> None:
         raise Forbidden("invalid admin token", field="Authorization")
 
 
-def _version_info(m: Manifest, services: Services) -> dict[str, Any]:
-    pool = services.need_pool()
-    served = pool.get((m.name, m.version))
+def _field(exc: RegistryError) -> str:
+    """The request field a registry refusal is about, by its type."""
+    if isinstance(exc, VersionNotFound | IntegrityError | ManifestError):
+        return "version"
+    if isinstance(exc, AliasNotFound):
+        return "alias"
+    if isinstance(exc, InvalidName):
+        return exc.part
+    return "name"
+
+
+def _refused(exc: RegistryError) -> ServiceError:
+    return from_registry(exc, _field(exc))
+
+
+def _version_info(m: Manifest, loaded: Mapping[int, ServedModel]) -> dict[str, Any]:
+    served = loaded.get(m.version)
     return {
         "version": m.version,
         "kind": m.kind,
@@ -116,17 +135,18 @@ def build_router(services: Services) -> APIRouter:
         registry = services.need_registry()
         out = []
         for name in pool.names():
-            state = pool.state(name)
-            assert state is not None
-            default = state.default
+            view = pool.view(name)
+            if view is None:  # dropped between the two calls
+                continue
+            default = view.default
             metrics_ = (await pool.manifest((name, default))).metrics if default else {}
             out.append({
                 "name": name,
-                "kind": state.kind,
-                "versions": state.versions,
+                "kind": view.kind,
+                "versions": list(view.versions),
                 "aliases": await registry.aliases(name),
                 "default_version": default,
-                "loaded": [s.info() for s in pool.served() if s.name == name],
+                "loaded": [s.info() for s in pool.loaded(name)],
                 "metrics": metrics_,
             })
         return {"models": out}
@@ -138,24 +158,25 @@ def build_router(services: Services) -> APIRouter:
         try:
             versions = await registry.list_versions(name)
             aliases = await registry.aliases(name)
+            manifests = [await pool.manifest((name, v)) for v in versions]
         except RegistryModelNotFound:
             raise ModelNotFound(f"unknown model {name!r}", field="name") from None
         except RegistryError as exc:
-            raise from_registry(exc, "name") from None
-        manifests = [await pool.manifest((name, v)) for v in versions]
-        state = pool.state(name)
-        default = (state.default if state else None) or aliases.get(DEFAULT_ALIAS) or versions[-1]
+            raise _refused(exc) from None
+        view = pool.view(name)
+        loaded = {s.version: s for s in pool.loaded(name)}
+        default = (view.default if view else None) or aliases.get(DEFAULT_ALIAS) or versions[-1]
         card = next((m for m in manifests if m.version == default), manifests[-1])
         return {
             "name": name,
             "kind": manifests[-1].kind,
-            "versions": [_version_info(m, services) for m in manifests],
+            "versions": [_version_info(m, loaded) for m in manifests],
             "aliases": aliases,
             "serving": {
-                "default": state.default if state else None,
-                "aliases": dict(state.aliases) if state else {},
+                "default": view.default if view else None,
+                "aliases": dict(view.aliases) if view else {},
             },
-            "card": _card(card, aliases, pool.get((name, default)) is not None),
+            "card": _card(card, aliases, default in loaded),
         }
 
     @router.get("/{name}/versions/{version}", response_model=VersionCard,
@@ -167,24 +188,24 @@ def build_router(services: Services) -> APIRouter:
             manifest = await pool.manifest((name, version))
             aliases = await registry.aliases(name)
         except RegistryError as exc:
-            raise from_registry(exc, "version" if "version" in str(exc) else "name") from None
-        return _card(manifest, aliases, pool.get((name, version)) is not None)
+            raise _refused(exc) from None
+        return _card(manifest, aliases, pool.is_loaded(name, version))
 
     @router.get("/{name}/ready", response_model=ReadyOut,
                 responses={503: {"model": ReadyOut, "description": "Not loaded on this replica"}},
                 summary="200 when this replica has the model loaded (per-model readiness)")
     async def model_ready(name: str) -> Any:
         pool = services.need_pool()
-        state = pool.state(name)
-        loaded = sorted(s.version for s in pool.served() if s.name == name)
-        if state is None:
+        view = pool.view(name)
+        loaded = [s.version for s in pool.loaded(name)]
+        if view is None:
             try:
                 await services.need_registry().list_versions(name)
             except RegistryModelNotFound:
                 raise ModelNotFound(f"unknown model {name!r}", field="name") from None
             except RegistryError as exc:
-                raise from_registry(exc, "name") from None
-        default = state.default if state else None
+                raise _refused(exc) from None
+        default = view.default if view else None
         body = {"name": name, "ready": default is not None and bool(loaded),
                 "versions": loaded, "default_version": default}
         if body["ready"] and not services.draining:
@@ -200,7 +221,7 @@ def build_router(services: Services) -> APIRouter:
         except RegistryModelNotFound:
             raise ModelNotFound(f"unknown model {name!r}", field="name") from None
         except RegistryError as exc:
-            raise from_registry(exc, "name") from None
+            raise _refused(exc) from None
         return {"name": name, "changes": [
             {**c.model_dump(mode="json", exclude={"name"}), "time": c.time.isoformat()}
             for c in changes
@@ -245,8 +266,7 @@ def build_router(services: Services) -> APIRouter:
                               "integrity_refused", model=name, alias=alias,
                               version=body.version))
                 metrics.MODEL_LOADS.labels(name, type(exc).__name__).inc()
-                raise from_registry(exc, "version") from None
-            raise from_registry(exc, "version" if "version" in str(exc) else "name") from None
+            raise _refused(exc) from None
         gate = change.gate
         log.info(
             "promoted %s@%s: %s -> %d%s", name, alias, change.previous, change.version,
@@ -260,13 +280,13 @@ def build_router(services: Services) -> APIRouter:
         # The event reaches this replica through the registry too; syncing here lets the answer
         # say what this replica now serves.
         await pool.sync_name(name)
-        state = pool.state(name)
+        view = pool.view(name)
         return {
             "name": name,
             "alias": alias,
             "version": event.version,
             "previous": event.previous,
-            "serving": state.aliases.get(alias) if state else None,
+            "serving": view.aliases.get(alias) if view else None,
             "forced": change.forced,
             "gate": gate.model_dump() if gate is not None else None,
         }
