@@ -14,6 +14,13 @@ bench/results/reliability.json (a list) and a row in reliability.md:
   graceful_shutdown  SIGTERM to the launch script (2 uvicorn workers) under load
   hostile_input      hand-written cases + schemathesis (150 per operation and mode) + core fuzz
   security           admin tokens, traversal, symlink escape, import graph, image user
+  redis_frozen       redis-server SIGSTOPped for 10 s under load (accepts, never answers), then
+                     SIGCONT; a promotion afterwards
+  slowloris          200 connections sending request heads at 1 byte/s during normal load vs
+                     the same load without them; the server's head timeout closes them
+  disk_full          register and promote on a full 2 MB tmpfs (root): 507, nothing partial
+  two_workers        2 workers: promotions, Redis killed and restarted, SIGTERM drain; /metrics
+                     sums both workers
 
 Every record: scenario, requests, then every outcome judged against what the scenario expects:
 answered (the expected answer, body checked), refused_503 (503 + Retry-After, only in overload and
@@ -51,20 +58,26 @@ RESULTS = ROOT / "bench" / "results"
 LOAD_LIMIT = 4.0
 
 
-def with_redis(work: Path, lengths: Lengths) -> dict[str, Any]:
-    if shutil.which("redis-server") is None:
-        raise SystemExit("redis-server is needed for the redis_outage scenario")
-    (work / "redis").mkdir()
-    server = RedisServer(work / "redis")
-    server.start()
-    try:
-        return scenarios.redis_outage(work, lengths, server)
-    finally:
-        server.stop()
+def with_redis(scenario: Callable[[Path, Lengths, RedisServer], dict[str, Any]]
+               ) -> Callable[[Path, Lengths], dict[str, Any]]:
+    """The scenario with a redis-server of its own (killed, frozen or restarted by it)."""
+
+    def run(work: Path, lengths: Lengths) -> dict[str, Any]:
+        if shutil.which("redis-server") is None:
+            raise SystemExit("redis-server is needed for the Redis scenarios")
+        (work / "redis").mkdir()
+        server = RedisServer(work / "redis")
+        server.start()
+        try:
+            return scenario(work, lengths, server)
+        finally:
+            server.stop()
+
+    return run
 
 
 SCENARIOS: dict[str, Callable[[Path, Lengths], dict[str, Any]]] = {
-    "redis_outage": with_redis,
+    "redis_outage": with_redis(scenarios.redis_outage),
     "promotions": scenarios.promotions,
     "corrupt_artifact": scenarios.corrupt_artifact,
     "overload": lambda w, n: scenarios.overload(w, n, "inference"),
@@ -72,6 +85,10 @@ SCENARIOS: dict[str, Callable[[Path, Lengths], dict[str, Any]]] = {
     "graceful_shutdown": lambda w, n: scenarios.graceful_shutdown(w, n, workers=2),
     "hostile_input": lambda w, n: scenarios.hostile_input(w, n, derandomize=False),
     "security": scenarios.security_checks,
+    "redis_frozen": with_redis(scenarios.redis_frozen),
+    "slowloris": scenarios.slowloris,
+    "disk_full": scenarios.disk_full,
+    "two_workers": with_redis(scenarios.two_workers),
 }
 
 COLUMNS = ("scenario", "requests", "answered", "refused_503", "refused_connect", "failed",
@@ -107,6 +124,14 @@ def key_figures(r: dict[str, Any]) -> str:
         "hostile_input": ("hand_written_cases", "schemathesis_cases",
                           "schemathesis_server_errors", "core_fuzz_cases"),
         "security": ("runtime_user",),
+        "redis_frozen": ("frozen_s", "requests_while_frozen", "max_while_frozen_ms",
+                         "redis_operation_timeout_ms", "promotion_to_swap_s"),
+        "slowloris": ("slow_connections", "baseline_p99_ms", "with_slow_p99_ms", "p99_ratio",
+                      "slow_closed_by_server", "slow_lifetime_s"),
+        "disk_full": ("filesystem", "api_refusal", "versions_seen"),
+        "two_workers": ("promotion_lag_s", "requests_during_redis_outage",
+                        "metrics_forecasts_counted", "forecasts_answered",
+                        "in_flight_at_sigterm", "exit_status"),
     }.get(r["scenario"], ())
     figures = {**r, "attempts_made": len(r.get("attempts", []))}
     return ", ".join(f"{k}={json.dumps(figures.get(k))}" for k in keys)

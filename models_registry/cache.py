@@ -197,6 +197,11 @@ class RedisCache(Cache):
     def available(self) -> bool:
         return self._ok and time.monotonic() >= self._down_until
 
+    @property
+    def operation_timeout_s(self) -> float:
+        """The longest any one Redis operation may keep a caller waiting (a frozen Redis)."""
+        return self._op_timeout
+
     def describe(self, key: str) -> str:
         return f"{self._safe_url()} key {self.prefix}{key}"
 

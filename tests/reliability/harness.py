@@ -63,6 +63,10 @@ class Lengths:
     shutdown_load_s: float
     fuzz_examples: int  # per operation and generation mode (positive, negative)
     load_workers: int = 4
+    redis_frozen_s: float = 10.0
+    slowloris_s: float = 20.0  # each half: without, then with the slow connections
+    slowloris_connections: int = 200
+    head_timeout_s: float = 10.0  # DISTILCAST_HEAD_TIMEOUT_S in the slowloris scenario
 
 
 FULL = Lengths("full", redis_outage_s=10.0, redis_settle_s=3.0, promotions=10,
@@ -70,7 +74,8 @@ FULL = Lengths("full", redis_outage_s=10.0, redis_settle_s=3.0, promotions=10,
                overload_recovery_s=8.0, shutdown_load_s=3.0, fuzz_examples=150)
 SHORT = Lengths("short", redis_outage_s=2.5, redis_settle_s=1.0, promotions=3,
                 promotion_interval_s=0.7, overload_capacity_s=2.5, overload_s=4.0,
-                overload_recovery_s=2.5, shutdown_load_s=1.0, fuzz_examples=40)
+                overload_recovery_s=2.5, shutdown_load_s=1.0, fuzz_examples=40,
+                redis_frozen_s=3.0, slowloris_s=6.0, head_timeout_s=2.0)
 
 
 # -- small helpers ---------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -27,6 +30,7 @@ import httpx
 import redis
 
 from models_registry.cache import RedisCache
+from models_registry.errors import StorageFull
 from models_registry.registry import Registry
 from models_registry.store import FilesystemStore
 from tests.reliability import hostile, security
@@ -42,12 +46,14 @@ from tests.reliability.harness import (
     ServiceProcess,
     Timeline,
     counts,
+    fill,
     heavy_bytes,
     metric_value,
     parse_forecast,
     parse_length,
     parse_object,
     percentile,
+    small_filesystem,
     summarise,
     wait_until,
 )
@@ -841,3 +847,435 @@ def security_checks(workdir: Path, lengths: Lengths) -> dict[str, Any]:
         "forbidden_modules_checked": list(security.FORBIDDEN_MODULES),
         "problems": problems,
     }
+
+
+# -- 8. A frozen Redis -----------------------------------------------------------------------------
+
+
+def redis_frozen(workdir: Path, lengths: Lengths, redis_server: Any) -> dict[str, Any]:
+    """SIGSTOP the scenario's own redis-server for `redis_frozen_s` under load, then SIGCONT.
+    A stopped Redis still accepts connections (the kernel completes the handshakes) and never
+    answers: every request is still answered, none waits much longer than the cache's
+    per-operation timeout, and a promotion made after the thaw reaches the service as a pub/sub
+    event."""
+    root = workdir / "registry"
+    family(root, versions=2)
+    prefix = f"rel-{uuid.uuid4().hex[:8]}:"
+    problems: list[str] = []
+    tl = Timeline()
+    bound_s = RedisCache(redis_server.url, prefix).operation_timeout_s
+    pid = redis_server.proc.pid
+
+    def mixed(i: int) -> Request:
+        if i % 10 == 9:  # reads the alias map through the cache on every call
+            return Request("GET", f"/v1/models/{NAME}", tag="models")
+        return forecast_request(i)
+
+    with ServiceProcess(workdir, root, redis_url=redis_server.url, redis_prefix=prefix,
+                        alias_refresh_s=0) as svc:
+        _problem(problems, _readyz(svc).get("events") is True,
+                 "the service is not listening to alias events at start")
+        rss_before = svc.rss_mb()
+        load = Load(svc.url, mixed, workers=lengths.load_workers, think_s=0.002,
+                    parse=parse_mixed)
+        with ReadyProbe(svc) as probe:
+            load.start()
+            time.sleep(lengths.redis_settle_s)
+            os.kill(pid, signal.SIGSTOP)
+            tl.mark("frozen")
+            try:
+                try:
+                    wait_until(lambda: _readyz(svc).get("cache_available") is False, 5,
+                               what="the freeze noticed")
+                    tl.mark("freeze_noticed")
+                except AssertionError as exc:
+                    problems.append(str(exc))
+                time.sleep(max(0.0, lengths.redis_frozen_s - (time.monotonic()
+                                                             - tl.marks["frozen"])))
+            finally:
+                os.kill(pid, signal.SIGCONT)
+                tl.mark("thawed")
+            try:
+                wait_until(lambda: _readyz(svc).get("cache_available") is True
+                           and _readyz(svc).get("events") is True, 15,
+                           what="cache and alias events back")
+                tl.mark("events_back")
+            except AssertionError as exc:
+                problems.append(str(exc))
+            time.sleep(0.5)
+            asyncio.run(_promote_elsewhere(root, redis_server.url, prefix, 2))
+            tl.mark("promoted")
+            try:
+                wait_until(lambda: _serving(svc) == 2, 5, what="the promotion applied")
+                tl.mark("swapped")
+            except AssertionError as exc:
+                problems.append(str(exc))
+            time.sleep(lengths.redis_settle_s)
+            outcomes = load.stop()
+        rss_after = svc.rss_mb()
+    swap_s = _since(tl, "promoted", "swapped")
+    during = [o for o in outcomes if tl.marks["frozen"] <= o.sent <= tl.marks["thawed"]]
+    answered = [o for o in outcomes if o.status is not None and o.error is None]
+    p99 = percentile([o.ms for o in answered], 99) or 0.0
+    reads = [o.ms for o in answered if o.tag == "models"]
+    forecasts = [o for o in outcomes if o.tag == "forecast"]
+    _problem(problems, len(during) > 0, "no request was sent while Redis was frozen")
+    _problem(problems, p99 <= bound_s * 1000,
+             f"p99 {p99:.0f} ms above the Redis operation timeout {bound_s * 1000:.0f} ms")
+    _problem(problems, all(s["http"] == 200 for _, s in probe.samples) and bool(probe.outcomes)
+             and all(o.error is None for o in probe.outcomes), "/readyz flapped")
+    _problem(problems, swap_s is not None and swap_s < 5.0,
+             f"promotion after the thaw took {swap_s} s to apply (pub/sub should be < 5 s)")
+    after = [o.version for o in forecasts if "swapped" in tl.marks
+             and o.sent > tl.marks["swapped"]]
+    _problem(problems, bool(after) and set(after) == {2}, "answers after the swap not all v2")
+    judge = Judge(expected_version)
+    return summarise(
+        "redis_frozen", outcomes + probe.outcomes, problems=problems, judge=judge,
+        rss_before=rss_before, rss_after=rss_after, frozen_s=_since(tl, "frozen", "thawed"),
+        redis_operation_timeout_ms=round(bound_s * 1000), requests_while_frozen=len(during),
+        failed_while_frozen=counts(during, judge)["failed"],
+        p99_while_frozen_ms=_r(percentile([o.ms for o in during if o.error is None], 99)),
+        max_while_frozen_ms=_r(max((o.ms for o in during if o.error is None), default=None)),
+        model_reads_p99_ms=_r(percentile(reads, 99)), model_reads=len(reads),
+        events_back_after_thaw_s=_since(tl, "thawed", "events_back"),
+        promotion_to_swap_s=None if swap_s is None else round(swap_s, 3),
+        versions_seen=dict(Counter(str(o.version) for o in forecasts)),
+        timeline_s=tl.relative(),
+    )
+
+
+# -- 9. Slow clients (slowloris) -------------------------------------------------------------------
+
+
+@dataclass
+class SlowConnection:
+    opened: float
+    closed: float
+    # closed_by_server (EOF), reset (the server closed with the head's bytes unread, so the
+    # kernel answered the next byte with RST: also the server's close), answered, refused,
+    # open_at_stop
+    how: str
+
+    @property
+    def lifetime_s(self) -> float:
+        return self.closed - self.opened
+
+
+class SlowClients:
+    """`n` connections, each sending a request head one byte per `interval` from its own
+    asyncio loop thread, reconnecting when the server closes it (a slowloris attack)."""
+
+    def __init__(self, port: int, n: int, interval: float = 1.0) -> None:
+        self.port, self.n, self.interval = port, n, interval
+        self.connections: list[SlowConnection] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True,
+                                        name="slowloris")
+
+    def start(self) -> SlowClients:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[SlowConnection]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.connections
+
+    def open_now(self) -> int:
+        return self._open
+
+    _open = 0
+
+    async def _main(self) -> None:
+        await asyncio.gather(*(self._slot(i) for i in range(self.n)))
+
+    async def _slot(self, i: int) -> None:
+        await asyncio.sleep(i * self.interval / self.n)  # spread over one interval
+        head = (f"GET /v1/models/{NAME} HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow-{i}: ".encode()
+                + b"a" * 100_000)
+        while not self._stop.is_set():
+            opened = time.monotonic()
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                self.connections.append(SlowConnection(opened, time.monotonic(), "refused"))
+                await asyncio.sleep(self.interval)
+                continue
+            self._open += 1
+            how = None
+            pos = 0
+            while how is None and not self._stop.is_set():
+                try:
+                    writer.write(head[pos:pos + 1])
+                    pos += 1
+                    data = await asyncio.wait_for(reader.read(1), self.interval)
+                    how = "closed_by_server" if data == b"" else "answered"
+                except TimeoutError:
+                    continue
+                except (ConnectionError, OSError):
+                    how = "reset"
+            self._open -= 1
+            self.connections.append(SlowConnection(opened, time.monotonic(),
+                                                   how or "open_at_stop"))
+            writer.close()
+
+
+def slowloris(workdir: Path, lengths: Lengths) -> dict[str, Any]:
+    """Normal load for `slowloris_s`, then the same load again while `slowloris_connections`
+    connections send their request heads one byte a second: the normal requests' p99 stays
+    within 2x of the first run, and the server closes every slow connection once its head has
+    taken `head_timeout_s` (service/launch.py); it keeps accepting new ones meanwhile."""
+    root = workdir / "registry"
+    family(root)
+    problems: list[str] = []
+    head_s = lengths.head_timeout_s
+    with ServiceProcess(workdir, root, alias_refresh_s=0, head_timeout_s=head_s) as svc:
+        rss_before = svc.rss_mb()
+        base = Load(svc.url, forecast_request, workers=lengths.load_workers,
+                    think_s=0.002).run_for(lengths.slowloris_s)
+        slow = SlowClients(svc.port, lengths.slowloris_connections).start()
+        time.sleep(1.5)  # every slot has connected
+        open_at_start = slow.open_now()
+        under = Load(svc.url, forecast_request, workers=lengths.load_workers,
+                     think_s=0.002).run_for(lengths.slowloris_s)
+        open_at_end = slow.open_now()
+        connections = slow.stop()
+        ready = _readyz(svc)["http"]
+        rss_after = svc.rss_mb()
+    base_p99 = percentile([o.ms for o in base if o.error is None], 99) or 0.0
+    under_p99 = percentile([o.ms for o in under if o.error is None], 99) or 0.0
+    ratio = under_p99 / base_p99 if base_p99 else None
+    closed = [c for c in connections if c.how in ("closed_by_server", "reset")]
+    late = [c for c in closed if c.lifetime_s > head_s + 2.0]
+    early = [c for c in closed if c.lifetime_s < head_s - 0.5]
+    lingering = [c for c in connections if c.how == "open_at_stop" and c.lifetime_s > head_s + 2]
+    other = Counter(c.how for c in connections if c.how not in ("closed_by_server", "reset",
+                                                                "open_at_stop"))
+    _problem(problems, ratio is not None and ratio <= 2.0,
+             f"p99 {under_p99:.1f} ms with slow clients vs {base_p99:.1f} ms without "
+             f"(ratio {ratio}; bound 2)")
+    _problem(problems, open_at_start >= 0.9 * lengths.slowloris_connections,
+             f"only {open_at_start} slow connections open when the load started")
+    _problem(problems, len(closed) >= lengths.slowloris_connections,
+             f"the server closed {len(closed)} slow connections, expected at least one per "
+             f"client ({lengths.slowloris_connections})")
+    _problem(problems, not late, f"{len(late)} slow connections lived past the head timeout "
+             f"{head_s} s + 2 s (longest {max((c.lifetime_s for c in late), default=0):.1f} s)")
+    _problem(problems, not early, f"{len(early)} slow connections closed before the timeout")
+    _problem(problems, not lingering, f"{len(lingering)} slow connections still open too long")
+    _problem(problems, not other, f"slow connections ended otherwise: {dict(other)}")
+    _problem(problems, ready == 200, "the service is not ready after the slow clients")
+    lifetimes = [c.lifetime_s for c in closed]
+    return summarise(
+        "slowloris", base + under, problems=problems, judge=Judge(consistent),
+        rss_before=rss_before, rss_after=rss_after,
+        slow_connections=lengths.slowloris_connections, head_timeout_s=head_s,
+        baseline_requests=len(base), baseline_p99_ms=_r(base_p99),
+        with_slow_requests=len(under), with_slow_p99_ms=_r(under_p99),
+        p99_ratio=None if ratio is None else round(ratio, 2),
+        slow_open_at_load_start=open_at_start, slow_open_at_load_end=open_at_end,
+        slow_closed_by_server=len(closed),
+        slow_lifetime_s={"min": round(min(lifetimes), 2), "max": round(max(lifetimes), 2)}
+        if lifetimes else None,
+        slow_endings=dict(Counter(c.how for c in connections)),
+    )
+
+
+# -- 10. A full disk while registering and promoting -----------------------------------------------
+
+
+def disk_full(workdir: Path, lengths: Lengths) -> dict[str, Any]:
+    """The registry lives on a 2 MB tmpfs made by the scenario. Under load the disk is filled,
+    then (a) registering a version fails with a clear StorageFull and leaves no trace a reader
+    could see, (b) promoting v2 through the admin API answers 507 storage_full and leaves the
+    alias where it was; v1 keeps serving throughout. With space back, the same promotion
+    succeeds."""
+    problems: list[str] = []
+    tl = Timeline()
+    with small_filesystem(workdir / "disk", 2048) as disk:
+        root = disk / "registry"
+        store = family(root, versions=2)
+        with ServiceProcess(workdir, root, alias_refresh_s=0.5) as svc, svc.client() as c:
+            rss_before = svc.rss_mb()
+            load = Load(svc.url, forecast_request, workers=2, think_s=0.005).start()
+            time.sleep(lengths.redis_settle_s)
+            filled = fill(disk)
+            tl.mark("disk_full")
+            register_error = None
+            try:
+                store.register(manifest(NAME, "student", LOOKBACK, HORIZON,
+                                        architecture="3x-last"),
+                               linear_bytes(LOOKBACK, HORIZON, w_last=3.0))
+                problems.append("a version was registered on a full disk")
+            except StorageFull as exc:
+                register_error = str(exc)
+            except Exception as exc:  # noqa: BLE001  # any other error is not the clear one
+                problems.append(f"registering on a full disk: {type(exc).__name__}: {exc}")
+            leftovers = [p.name for p in (root / NAME).iterdir() if p.name.startswith(".tmp")]
+            model = c.get(f"/v1/models/{NAME}").json()
+            listed = [v["version"] for v in model["versions"]]
+            _problem(problems, store.list_versions(NAME) == [1, 2] and listed == [1, 2],
+                     f"versions after the failed registration: {listed}")
+            _problem(problems, not leftovers, f"partial files left: {leftovers}")
+            r = c.put(f"/v1/models/{NAME}/aliases/production", json={"version": 2},
+                      headers=AUTH)
+            api_refusal = {"status": r.status_code, **r.json().get("error", {})}
+            _problem(problems, r.status_code == 507
+                     and api_refusal.get("code") == "storage_full",
+                     f"promotion on a full disk: {r.status_code} {r.text[:200]}")
+            _problem(problems, store.aliases(NAME)["production"] == 1,
+                     "the alias moved although the promotion failed")
+            time.sleep(max(1.5, lengths.redis_settle_s))  # several alias refreshes
+            _problem(problems, _serving(svc) == 1, "the service stopped serving v1")
+            tl.mark("space_back")
+            (disk / "filler").unlink()
+            r = c.put(f"/v1/models/{NAME}/aliases/production", json={"version": 2},
+                      headers=AUTH)
+            _problem(problems, r.status_code == 200,
+                     f"promotion with space back: {r.status_code} {r.text[:200]}")
+            tl.mark("promoted")
+            time.sleep(lengths.redis_settle_s)
+            outcomes = load.stop()
+            rss_after = svc.rss_mb()
+    before = [o.version for o in outcomes if o.done < tl.marks["space_back"]]
+    after = [o.version for o in outcomes if o.sent > tl.marks["promoted"]]
+    _problem(problems, bool(before) and set(before) == {1}, "not only v1 while the disk was full")
+    _problem(problems, bool(after) and set(after) == {2}, "not only v2 after the promotion")
+    return summarise(
+        "disk_full", outcomes, problems=problems, judge=Judge(consistent),
+        rss_before=rss_before, rss_after=rss_after, filesystem="tmpfs 2048 KiB",
+        filler_bytes=filled, register_error=register_error, api_refusal=api_refusal,
+        versions_seen=dict(Counter(str(o.version) for o in outcomes)),
+        timeline_s=tl.relative(),
+    )
+
+
+# -- 11. Two workers: promotions, a Redis outage, SIGTERM ------------------------------------------
+
+
+def two_workers(workdir: Path, lengths: Lengths, redis_server: Any) -> dict[str, Any]:
+    """Two uvicorn workers sharing Redis, under load: promotions through the admin API (one
+    worker takes each PUT, the other hears it on pub/sub), Redis killed and restarted, a
+    promotion from elsewhere after it, then SIGTERM. Every answer is computed by the version it
+    names, every worker follows every promotion within a second, /metrics sums both workers'
+    counts, and the drain loses nothing."""
+    root = workdir / "registry"
+    k = lengths.promotions
+    family(root, versions=k + 2)
+    prefix = f"rel-{uuid.uuid4().hex[:8]}:"
+    problems: list[str] = []
+    tl = Timeline()
+    windows: list[tuple[float, float, int]] = []
+    svc = ServiceProcess(workdir, root, workers=2, redis_url=redis_server.url,
+                         redis_prefix=prefix, alias_refresh_s=0).start()
+    drain_outcomes: list[Outcome] = []
+    t_term = t_exit = 0.0
+    code: int | None = None
+    try:
+        rss_before = svc.rss_mb()
+        load = Load(svc.url, forecast_request, workers=lengths.load_workers,
+                    think_s=0.002).start()
+        time.sleep(lengths.promotion_interval_s)
+        with svc.client() as c:
+            for version in range(2, k + 2):
+                sent = time.monotonic()
+                r = c.put(f"/v1/models/{NAME}/aliases/production", json={"version": version},
+                          headers=AUTH)
+                windows.append((sent, time.monotonic(), version))
+                _problem(problems, r.status_code == 200,
+                         f"promotion to {version}: {r.status_code} {r.text[:200]}")
+                time.sleep(lengths.promotion_interval_s)
+        redis_server.stop()
+        tl.mark("redis_killed")
+        time.sleep(lengths.redis_outage_s)
+        redis_server.start()
+        tl.mark("redis_restarted")
+        time.sleep(lengths.redis_settle_s)
+        asyncio.run(_promote_elsewhere(root, redis_server.url, prefix, k + 2))
+        tl.mark("promoted_elsewhere")
+
+        def everyone_on(version: int, since: float) -> bool:
+            recent = [o for o in list(load.outcomes) if o.sent > since]
+            return len(recent) >= 20 and all(o.version == version for o in recent[-20:])
+
+        try:
+            wait_until(lambda: everyone_on(k + 2, tl.marks["promoted_elsewhere"]), 15,
+                       what="both workers serving the version promoted after the outage")
+            tl.mark("all_switched")
+        except AssertionError as exc:
+            problems.append(str(exc))
+        time.sleep(lengths.redis_settle_s)
+        outcomes = load.stop()
+        time.sleep(0.2)
+        text = svc.metrics()
+        multiproc = Path(svc.env["PROMETHEUS_MULTIPROC_DIR"])
+        worker_files = sorted({p.stem.rsplit("_", 1)[-1]
+                               for p in multiproc.glob("histogram_*.db")})
+        rss_loaded = svc.rss_mb()
+        # The drain, with the two workers under load.
+        drain = Load(svc.url, forecast_request, workers=lengths.load_workers,
+                     think_s=0.002, timeout=30).start()
+        time.sleep(lengths.shutdown_load_s)
+        t_term = time.monotonic()
+        svc.terminate()
+        try:
+            code = svc.wait(timeout=30)
+        except Exception:  # noqa: BLE001  # reported as a problem below
+            code = None
+        t_exit = time.monotonic()
+        time.sleep(0.5)
+        drain_outcomes = drain.stop()
+    finally:
+        svc.stop()
+    answered_forecasts = sum(1 for o in outcomes if o.status == 200 and o.error is None)
+    counted = metric_value(text, "distilcast_request_duration_seconds_count",
+                           route=FORECAST, status="200")
+    lag = promotion_lag(outcomes, windows + [(tl.marks["promoted_elsewhere"],
+                                              tl.marks["promoted_elsewhere"], k + 2)])
+    _problem(problems, counted == answered_forecasts,
+             f"/metrics counts {counted:.0f} forecasts, the clients got {answered_forecasts}")
+    _problem(problems, len(worker_files) == 2,
+             f"metrics files from {len(worker_files)} workers, expected 2")
+    _problem(problems, all(s < 1.0 for s in lag.values()),
+             f"a worker answered an older version > 1 s after a promotion: {lag}")
+    _problem(problems, code == 0, f"launch script exit status {code}")
+    during = [o for o in outcomes if tl.marks["redis_killed"] <= o.sent
+              <= tl.marks["redis_restarted"]]
+    _problem(problems, len(during) > 0, "no request during the Redis outage")
+    before, after = Judge(consistent), Judge(consistent, allow_503=True, allow_connect=True)
+
+    def judge(o: Outcome) -> str:
+        if o in drained and not (o.done <= t_term or o.sent < t_term - RACE_S):
+            return after(o)
+        return before(o)
+
+    drained = _Identity(drain_outcomes)
+    inflight = [o for o in drain_outcomes if o.sent < t_term - RACE_S and o.done > t_term]
+    return summarise(
+        "two_workers", outcomes + drain_outcomes, problems=problems, judge=judge,
+        rss_before=rss_before, rss_after=rss_loaded, workers=2, promotions=k + 1,
+        promotion_lag_s=lag, requests_during_redis_outage=len(during),
+        failed_during_redis_outage=counts(during, judge)["failed"],
+        metrics_forecasts_counted=counted, forecasts_answered=answered_forecasts,
+        metrics_worker_pids=len(worker_files),
+        in_flight_at_sigterm=len(inflight), exit_status=code,
+        shutdown_s=round(t_exit - t_term, 3) if t_exit else None,
+        after_sigterm=counts([o for o in drain_outcomes if o.sent >= t_term - RACE_S
+                              and o.done > t_term], judge),
+        versions_seen=dict(Counter(str(o.version) for o in outcomes + drain_outcomes)),
+        timeline_s=tl.relative(),
+    )
+
+
+def promotion_lag(outcomes: list[Outcome], windows: list[tuple[float, float, int]]
+                  ) -> dict[str, float]:
+    """Per promotion: how long after its PUT was answered an answer with an older version was
+    still sent (0 when none was): the slowest worker's delay in following the promotion."""
+    lag: dict[str, float] = {}
+    for i, (_, answered, version) in enumerate(windows):
+        end = windows[i + 1][0] if i + 1 < len(windows) else float("inf")
+        old = [o.sent - answered for o in outcomes if answered < o.sent < end
+               and o.version is not None and o.version < version]
+        lag[str(version)] = round(max(old, default=0.0), 3)
+    return lag
