@@ -142,6 +142,12 @@ class Predictor:
         predicted_ms = accurate.batcher.predicted_latency_s(rows) * 1000.0
         return accurate if predicted_ms <= budget else fast
 
+    async def choose(self, model: str | None, mode: Literal["fast", "accurate"],
+                     rows: int = 1) -> ServedModel:
+        """The model a request naming `model` in `mode` would run on (its lookback and horizon
+        let a backtest size its windows before forecasting them)."""
+        return await self._choose(ForecastRequest([], model, mode), rows)
+
     # -- validation ------------------------------------------------------------------------------
 
     @staticmethod
