@@ -30,11 +30,14 @@ from service.api import errors
 from service.api.access import AccessControl
 from service.api.decode import Limits
 from service.api.deps import Services
+from service.api.evaluation_schemas import schemas as evaluation_schemas
 from service.api.limits import BodyLimit, CloseWhenDraining
+from service.api.live import LiveAccuracy
 from service.api.requestid import RequestId
-from service.api.routes import forecast, health, models
+from service.api.routes import evaluation, forecast, health, models
 from service.api.schemas import forecast_example, request_schemas
 from service.config import Settings, get_settings
+from service.core.accuracy import open_memory
 from service.core.engine import EngineOptions
 from service.core.pool import ModelPool, PoolOptions
 from service.core.predictor import Predictor
@@ -180,6 +183,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry.subscribe(pool.on_alias_event)
         access = AccessControl(settings)
         services.access = access if access.active else None
+        live = None
+        if settings.live_accuracy:
+            memory = open_memory(settings.redis_url, settings.redis_prefix,
+                                 settings.accuracy_max_values)
+            live = LiveAccuracy(memory, pool, settings.accuracy_margin_s,
+                                settings.accuracy_alert_factor)
         refresher: asyncio.Task[None] | None = None
         restore_signals = _drain_on_signals(services)
         try:
@@ -187,6 +196,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await registry.start()
             await pool.start()
             services.registry, services.pool, services.predictor = registry, pool, predictor
+            services.live = live
             if settings.alias_refresh_s > 0:
                 refresher = asyncio.create_task(_refresh_loop(services, settings.alias_refresh_s))
             metrics.init_series()
@@ -209,6 +219,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await pool.close(settings.drain_timeout_s)
             await registry.close()
             await access.close()
+            if live is not None:
+                await live.close()
             executor.shutdown(wait=False, cancel_futures=True)
             metrics.mark_process_dead(os.getpid())
 
@@ -245,6 +257,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(forecast.build_router(handlers))
     app.include_router(models.build_router(services))
     app.include_router(health.build_router(services))
+    app.include_router(evaluation.build_router(services))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -253,6 +266,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             schema.setdefault("components", {}).setdefault("schemas", {}).update(
                 request_schemas()
             )
+            schema["components"]["schemas"].update(evaluation_schemas())
             for path, example in _examples(services).items():
                 body = schema["paths"][path]["post"]["requestBody"]["content"]
                 body["application/json"]["example"] = example
@@ -263,7 +277,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    app.add_middleware(BodyLimit, skip=(forecast.FORECAST, forecast.BATCH))
+    app.add_middleware(BodyLimit, skip=(forecast.FORECAST, forecast.BATCH, evaluation.BACKTEST,
+                                        evaluation.ACTUALS))
     if settings.fast_path:
         app.add_middleware(forecast.HotPaths, handlers=handlers)
     app.add_middleware(CloseWhenDraining, draining=lambda: services.draining)

@@ -109,6 +109,30 @@ class Settings(BaseSettings):
         "per-request machinery (same handlers; False routes them through FastAPI).",
     )
 
+    # Live accuracy (POST /v1/actuals).
+    live_accuracy: bool = Field(
+        default=True,
+        description="Remember forecasts whose series carry time (timestamps, or start + freq) "
+        "so that POST /v1/actuals can score them: in Redis when redis_url is set (shared by "
+        "workers and replicas), else in this process.",
+    )
+    accuracy_margin_s: Annotated[float, Field(ge=0)] = Field(
+        default=86_400.0,
+        description="A remembered forecast lives its own span (last minus first forecast time, "
+        "plus one step; numeric times read as seconds) plus this margin, in seconds.",
+    )
+    accuracy_max_values: Annotated[int, Field(ge=1)] = Field(
+        default=20_000_000,
+        description="Memory bound: values (forecast values and interval bounds) remembered at "
+        "most; past it the forecasts closest to expiring are dropped first.",
+    )
+    accuracy_alert_factor: Annotated[float, Field(gt=0)] = Field(
+        default=1.5,
+        description="Exported as distilcast_live_error_alert_factor: the alert "
+        "DistilcastLiveErrorAboveValidation fires when a version's rolling MSE on actuals "
+        "exceeds this times its validation MSE.",
+    )
+
     # Shadow distillation gap.
     shadow_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
 

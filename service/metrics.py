@@ -95,6 +95,48 @@ SHADOW_GAP = Histogram(
     buckets=_GAP_BUCKETS,
 )
 
+# Live accuracy (POST /v1/actuals matched against remembered forecasts). Errors are summed in the
+# series' own units; rolling MAE/MSE = rate(error) / rate(points) over any window. `step` is the
+# horizon step bucket (service.core.accuracy.step_bucket).
+_LIVE = ["model", "version", "mode", "step"]
+LIVE_ABS_ERROR = Counter(
+    "distilcast_live_abs_error", "Sum of |actual - forecast| over matched values.", _LIVE
+)
+LIVE_SQUARED_ERROR = Counter(
+    "distilcast_live_squared_error", "Sum of (actual - forecast)^2 over matched values.", _LIVE
+)
+LIVE_POINTS = Counter(
+    "distilcast_live_points", "Matched values (actual rows x channels) scored.", _LIVE
+)
+LIVE_INTERVAL = Counter(
+    "distilcast_live_interval_points",
+    "Matched values against a remembered interval, by level and result (inside, outside).",
+    ["model", "version", "mode", "level", "result"],
+)
+ACTUALS = Counter(
+    "distilcast_actuals",
+    "Actuals received, by result: matched (some forecast held it), unmatched, duplicate.",
+    ["result"],
+)
+FORECASTS_REMEMBERED = Counter(
+    "distilcast_forecasts_remembered",
+    "Served series forecasts remembered for live accuracy, by result (ok, error).",
+    ["result"],
+)
+VALIDATION_ERROR = Gauge(
+    "distilcast_model_validation_error",
+    "The version's validation error from its manifest (raw units when the manifest has them: "
+    "val_mse_raw / val_mae_raw, else val_mse / val_mae), by metric (mse, mae).",
+    ["model", "version", "metric"],
+    multiprocess_mode="livemax",
+)
+LIVE_ALERT_FACTOR = Gauge(
+    "distilcast_live_error_alert_factor",
+    "DISTILCAST_ACCURACY_ALERT_FACTOR: the live-accuracy alert fires when the rolling MSE "
+    "exceeds this times the validation MSE.",
+    multiprocess_mode="livemax",
+)
+
 _cache_seen: dict[str, int] = {}
 _CACHE_RESULTS = ("hit", "miss", "error", "fallback")
 
@@ -103,6 +145,10 @@ def init_series() -> None:
     """Create the labelled cache series at zero, so ratios and rates read 0 rather than no data."""
     for result in _CACHE_RESULTS:
         REGISTRY_CACHE.labels(result)
+    for result in ("matched", "unmatched", "duplicate"):
+        ACTUALS.labels(result)
+    for result in ("ok", "error"):
+        FORECASTS_REMEMBERED.labels(result)
 
 
 def sync_cache_stats(stats: Mapping[str, int]) -> None:

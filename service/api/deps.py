@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from models_registry.registry import Registry
 from service.api.access import AccessControl
 from service.api.decode import Limits
+from service.api.live import LiveAccuracy
 from service.config import Settings
 from service.core.errors import ModelUnavailable, Overloaded
 from service.core.pool import ModelPool
@@ -22,6 +23,7 @@ class Services:
     pool: ModelPool | None = None
     predictor: Predictor | None = None
     access: AccessControl | None = None
+    live: LiveAccuracy | None = None
     draining: bool = False
     inflight_bytes: int = 0
 

@@ -276,13 +276,18 @@ class RedisMemory:
             total = int(await self.client.get(f"{p}n") or 0)
         total -= freed
         while total > self.max_values:
-            popped = cast(list[tuple[bytes, float]], await self.client.zpopmin(f"{p}all", 64))
-            if not popped:
+            oldest = cast(list[bytes], await self.client.zrange(f"{p}all", 0, 255))
+            if not oldest:
                 break
-            members = [m for m, _ in popped]
-            total -= await self._forget(members, popped=True)
+            members, excess = [], total - self.max_values
+            for m in oldest:  # just enough of the forecasts closest to expiring
+                members.append(m)
+                excess -= int(m.split(b"|", 1)[0])
+                if excess <= 0:
+                    break
+            total -= await self._forget(members)
 
-    async def _forget(self, members: list[bytes], popped: bool = False) -> int:
+    async def _forget(self, members: list[bytes]) -> int:
         if not members:
             return 0
         freed = 0
@@ -291,8 +296,7 @@ class RedisMemory:
             size, _, blob = m.decode().partition("|")
             freed += int(size)
             pipe.delete(blob)
-        if not popped:
-            pipe.zrem(f"{self.prefix}all", *members)
+        pipe.zrem(f"{self.prefix}all", *members)
         pipe.decrby(f"{self.prefix}n", freed)
         await pipe.execute()
         return freed
