@@ -165,3 +165,51 @@ def test_idle_batcher_runs_a_lone_request_inline() -> None:
 
     asyncio.run(main())
     assert thread_ids == [threading.get_ident()]
+
+
+_ROWS = '[[1, 2.5], [3, 4e-3]]'
+
+
+@pytest.mark.parametrize("body", [
+    '{"series": [{"id": "a", "values": ROWS}]}',
+    '{"series": [{"id": 7, "values": ROWS, "start": "2024-01-01", "freq": "h"}], "mode": "auto",'
+    ' "horizon": 4, "level": [80, 95.5], "deadline_ms": 3, "model": "m@2"}',
+    '{"series": [{"id": "a", "values": ROWS}, {"id": "b", "values": [[1], [2]]}]}',
+    '{"series": [{"id": "a", "values": [1, 2, 3]}]}',  # univariate: the general path
+    '{"series": [{"id": "a", "values": [[1, true]]}]}',
+    '{"series": [{"id": "a", "values": [[1, "2"]]}]}',
+    '{"series": [{"id": "a", "values": [[1, NaN]]}]}',
+    '{"series": [{"id": "a", "values": [[1, 1e39]]}]}',
+    '{"series": [{"id": "a", "values": [[1, 1e400]]}]}',
+    '{"series": [{"id": "a", "values": [[1, 2], [3]]}]}',
+    '{"series": [{"id": "a", "values": [[]]}]}',
+    '{"series": [{"id": "a", "values": []}]}',
+    '{"series": [{"id": "a", "values": ROWS}, {"id": "a", "values": ROWS}]}',
+    '{"series": []}',
+    '{"series": [{"id": "a", "values": ROWS}], "mode": "fastest"}',
+    '{"series": [{"id": "a", "values": ROWS}], "horizon": 0}',
+    '{"series": [{"id": "a", "values": ROWS, "colour": 1}]}',
+    '{"series": [{"id": "a", "values": ROWS}], "extra": 1}',
+    '{"series": [{"id": "a", "values": ROWS}]',
+])
+def test_one_pass_decode_agrees_with_the_general_path(body: str) -> None:
+    """/v1/forecast decodes the common body in one msgspec pass; whatever it accepts must be
+    exactly what the general path builds, and whatever it refuses the general path explains."""
+    from service.api.decode import general_forecast_request
+
+    raw = body.replace("ROWS", _ROWS).encode()
+    outcomes = []
+    for decode in (forecast_request, general_forecast_request):
+        try:
+            req = decode(raw, LIMITS)
+        except Exception as exc:
+            outcomes.append(("error", type(exc), str(exc), getattr(exc, "field", None)))
+            continue
+        series = [
+            (s.id, s.values.dtype, s.values.tolist(), s.univariate, s.index, s.timestamps,
+             s.start, s.freq) if isinstance(s, SeriesInput) else s
+            for s in req.series
+        ]
+        outcomes.append(("ok", series, req.model, req.mode, req.horizon, req.levels,
+                         req.deadline_ms))
+    assert outcomes[0] == outcomes[1]
