@@ -17,6 +17,13 @@ Two more changes, for any worker count:
   whose request head (request line and headers) is not complete `DISTILCAST_HEAD_TIMEOUT_S`
   seconds (default 10) after the connection opened or after the first byte of a later request
   on it; bodies and answers are not limited by it.
+* connections spread over the workers: every worker waits on the one shared listening socket
+  and asyncio accepts up to `backlog` (2048) pending connections each time it wakes, so the
+  first worker to wake took a whole burst (16 connections opened at once: 14 on one worker, 2
+  on the other, and the second core idled). `accept_one_per_wakeup` makes each worker accept one
+  connection per event-loop pass: a busy worker comes back later, so the idle one takes more.
+  The kernel's listen queue keeps its length (the patched argument only bounds asyncio's
+  accept loop).
 * metrics: the supervisor marks every worker that exits (or dies and is replaced) dead for
   prometheus-client's multiprocess mode, so its live gauges drop out of `/metrics`.
 """
@@ -24,11 +31,13 @@ Two more changes, for any worker count:
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import contextlib
 import importlib
 import os
 import socket
 import sys
+from typing import Any
 
 import h11
 from prometheus_client import multiprocess
@@ -41,6 +50,26 @@ from service.logs import uvicorn_log_config
 HEAD_TIMEOUT_ENV = "DISTILCAST_HEAD_TIMEOUT_S"
 # The protocol class as uvicorn's --http takes it: an import string (a spawned worker imports it).
 HTTP_PROTOCOL = "service.launch:HeadTimeoutH11Protocol"
+
+
+def accept_one_per_wakeup() -> None:
+    """Patch asyncio's selector loop so a listening socket's reader accepts one connection per
+    wake-up (see the module docstring). Applied when this module is imported: in a worker that
+    is when uvicorn resolves `--http`, before it starts serving."""
+    cls: Any = asyncio.selector_events.BaseSelectorEventLoop  # a private method: untyped
+    original = cls._start_serving
+    if getattr(original, "_one_per_wakeup", False):
+        return
+
+    def start_serving(self: Any, protocol_factory: Any, sock: Any, sslcontext: Any = None,
+                      server: Any = None, backlog: int = 100, *args: Any, **kwargs: Any) -> Any:
+        return original(self, protocol_factory, sock, sslcontext, server, 1, *args, **kwargs)
+
+    start_serving._one_per_wakeup = True  # type: ignore[attr-defined]
+    cls._start_serving = start_serving
+
+
+accept_one_per_wakeup()
 
 
 def head_timeout_s() -> float:
