@@ -17,6 +17,7 @@ RULES = REPO / "docker" / "prometheus" / "rules"
 ALERTS = {
     "DistilcastHighErrorRate", "DistilcastP99LatencyOverBudget", "DistilcastNoModelLoaded",
     "DistilcastRedisDisconnected", "DistilcastShadowGapGrowing", "DistilcastReplicaDown",
+    "DistilcastLiveErrorAboveValidation",
 }
 
 
@@ -46,7 +47,9 @@ def test_rules_cover_the_issue_and_are_wired() -> None:
     assert names == ALERTS
     metrics = " ".join(r["expr"] for g in groups for r in g["rules"])
     for metric in ("distilcast_request_duration_seconds", "distilcast_model_loaded",
-                   "distilcast_registry_cache_available", "distilcast_shadow_gap_zmae"):
+                   "distilcast_registry_cache_available", "distilcast_shadow_gap_zmae",
+                   "distilcast_live_squared_error_total", "distilcast_model_validation_error",
+                   "distilcast_live_error_alert_factor"):
         assert metric in metrics, metric
     config = yaml.safe_load((REPO / "docker" / "prometheus" / "prometheus.yml").read_text())
     assert config["rule_files"] == ["rules/*.yml"]
