@@ -96,8 +96,6 @@ class LiveAccuracy:
         matched = duplicates = pairs = unmatched = 0
         for y, outcome in zip(ys, outcomes, strict=True):
             duplicates += outcome.duplicates
-            # An actual reported again (only duplicate pairs) is neither matched nor unmatched.
-            unmatched += not outcome.pairs and not outcome.duplicates
             scored = False
             for pair in outcome.pairs:
                 f = pair.forecast.astype(np.float64)
@@ -117,6 +115,8 @@ class LiveAccuracy:
                 pairs += 1
                 scored = True
             matched += scored
+            # An actual reported again (only duplicate pairs) is neither matched nor unmatched.
+            unmatched += not scored and not outcome.duplicates
         metrics.ACTUALS.labels("matched").inc(matched)
         metrics.ACTUALS.labels("unmatched").inc(unmatched)
         metrics.ACTUALS.labels("duplicate").inc(duplicates)
