@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 
@@ -83,16 +82,20 @@ class ServedModel:
                 raise ValueError(f"{self.label}: output {y.shape}, manifest says {expected}")
             self.batcher.cost.observe(rows, seconds)
 
-    @contextmanager
-    def use(self) -> Iterator[ServedModel]:
+    def use(self) -> ServedModel:
+        """`with served.use():` holds this version for the block (a plain context manager, not
+        a generator one: this runs on every request)."""
+        return self
+
+    def __enter__(self) -> ServedModel:
         self.inflight += 1
         self._idle.clear()
-        try:
-            yield self
-        finally:
-            self.inflight -= 1
-            if self.inflight == 0:
-                self._idle.set()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
 
     async def drained(self) -> None:
         await self._idle.wait()

@@ -264,15 +264,15 @@ class Predictor:
     ) -> None:
         yh = y[:, :horizon]  # [B, h, C]
         bands = []
-        with np.errstate(over="ignore", invalid="ignore"):
-            if level_rows:
-                assert served.calibration is not None
+        if level_rows:
+            assert served.calibration is not None
+            with np.errstate(over="ignore", invalid="ignore"):
                 bands = served.calibration.bands(yh, window_scale(x), level_rows)
-            # Finite inputs can still overflow float32 inside a model (a window statistic of
-            # values near 1e38): say so, rather than answering 200 with nulls.
-            finite = np.isfinite(yh).all(axis=(1, 2))
-            for lo, hi in bands:
-                finite &= np.isfinite(lo).all(axis=(1, 2)) & np.isfinite(hi).all(axis=(1, 2))
+        # Finite inputs can still overflow float32 inside a model (a window statistic of values
+        # near 1e38): say so, rather than answering 200 with nulls. (isfinite never warns.)
+        finite = np.isfinite(yh).all(axis=(1, 2))
+        for lo, hi in bands:
+            finite &= np.isfinite(lo).all(axis=(1, 2)) & np.isfinite(hi).all(axis=(1, 2))
         labels = [f"{level:g}" for level in req.levels]
         for b, p in enumerate(group):
             s = req.series[p.index]
