@@ -120,7 +120,8 @@ ACTUALS = Counter(
 )
 FORECASTS_REMEMBERED = Counter(
     "distilcast_forecasts_remembered",
-    "Served series forecasts remembered for live accuracy, by result (ok, error).",
+    "Served series forecasts remembered for live accuracy, by result (ok, error, dropped: too "
+    "many stores in flight).",
     ["result"],
 )
 VALIDATION_ERROR = Gauge(
@@ -147,7 +148,7 @@ def init_series() -> None:
         REGISTRY_CACHE.labels(result)
     for result in ("matched", "unmatched", "duplicate"):
         ACTUALS.labels(result)
-    for result in ("ok", "error"):
+    for result in ("ok", "error", "dropped"):
         FORECASTS_REMEMBERED.labels(result)
 
 

@@ -6,6 +6,7 @@ the core never imports the exporter.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,11 @@ from service.api.evaluation_schemas import ActualsWire
 from service.core.accuracy import ForecastMemory, records, step_bucket, time_key
 from service.core.errors import InvalidInput
 from service.core.pool import ModelPool
-from service.core.types import ForecastResult
+from service.core.types import ForecastResult, SeriesForecast
 
 log = logging.getLogger(__name__)
+
+MAX_PENDING = 64
 
 
 @dataclass(slots=True)
@@ -39,13 +42,32 @@ class LiveAccuracy:
         self.margin_s = margin_s
         self._seen_labels: set[tuple[str, int, str, int, tuple[str, ...]]] = set()
         self._seen_versions: set[tuple[str, int]] = set()
+        self._pending: set[asyncio.Task[None]] = set()
         metrics.LIVE_ALERT_FACTOR.set(alert_factor)
 
-    async def remember(self, result: ForecastResult) -> None:
-        """Remember the forecasts of `result` that carry time; never fails the forecast."""
-        recs = records(result, self.margin_s)
-        if not recs:
+    def remember(self, result: ForecastResult) -> None:
+        """Remember the forecasts of `result` that carry time, just after the answer: a task on
+        this event loop, so the answer does not wait for the store (a 1000-series batch costs
+        tens of milliseconds in Redis). Never fails the forecast; past MAX_PENDING stores in
+        flight, forecasts are dropped (counted) rather than queued without bound."""
+        timed = sum(1 for r in result.results if isinstance(r, SeriesForecast) and r.timestamps)
+        if not timed:
             return
+        if len(self._pending) >= MAX_PENDING:
+            metrics.FORECASTS_REMEMBERED.labels("dropped").inc(timed)
+            return
+        task = asyncio.create_task(self._store(result))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def flush(self) -> None:
+        """Wait for this process's stores in flight (an actual right after its forecast, on the
+        same worker, then finds it)."""
+        if self._pending:
+            await asyncio.wait(set(self._pending))
+
+    async def _store(self, result: ForecastResult) -> None:
+        recs = records(result, self.margin_s)
         try:
             await self._prepare_series(result, recs[0].intervals.keys())
             await self.memory.remember(recs)
@@ -82,6 +104,7 @@ class LiveAccuracy:
 
     async def actuals(self, wire: ActualsWire) -> dict[str, Any]:
         """Match each actual with the remembered forecasts holding it and score the pairs."""
+        await self.flush()
         keys: list[tuple[str, float]] = []
         ys: list[np.ndarray] = []
         for i, a in enumerate(wire.actuals):
@@ -149,4 +172,5 @@ class LiveAccuracy:
         }
 
     async def close(self) -> None:
+        await self.flush()
         await self.memory.close()

@@ -43,7 +43,12 @@ ALERT = "DistilcastLiveErrorAboveValidation"
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[str]:
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+def service(tmp_path: Path, prefix: str) -> Iterator[str]:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
     except redis.RedisError as exc:
@@ -57,7 +62,7 @@ def service(tmp_path: Path) -> Iterator[str]:
         "DISTILCAST_HOST": "127.0.0.1",
         "DISTILCAST_WORKERS": "2",
         "DISTILCAST_REDIS_URL": REDIS_URL,
-        "DISTILCAST_REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}:",
+        "DISTILCAST_REDIS_PREFIX": prefix,
         "DISTILCAST_SHADOW_FRACTION": "0",
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
@@ -98,13 +103,14 @@ def prometheus(tmp_path: Path, service: str) -> Iterator[str]:
         proc.wait(timeout=20)
 
 
-def forecasts_then_actuals(base: str, stop: threading.Event, answers: list[dict[str, Any]],
-                           failures: list[str]) -> None:
+def forecasts_then_actuals(base: str, prefix: str, stop: threading.Event,
+                           answers: list[dict[str, Any]], failures: list[str]) -> None:
     """Each round forecasts two series from a new origin (fast and accurate, with intervals),
     then reports the actuals of every forecast hour 5 above the student's forecast, one actual
     of a series never forecast, and one actual again."""
     window = [[float(i % 24) + c for c in range(3)] for i in range(L)]
     origin = datetime(2024, 1, 1)
+    store = redis.Redis.from_url(REDIS_URL)
     with httpx.Client(base_url=base, timeout=10.0) as client:
         i = 0
         while not stop.is_set():
@@ -121,6 +127,11 @@ def forecasts_then_actuals(base: str, stop: threading.Event, answers: list[dict[
                     return
                 if mode == "fast":
                     sent = r.json()["forecasts"]
+            # A worker stores its forecasts just after answering; the actuals may reach the
+            # other worker: wait until both of this round's forecasts of s2 are in Redis.
+            deadline = time.monotonic() + 10
+            while store.zcard(f"{prefix}acc:i:s2") < 2 * (i + 1) and time.monotonic() < deadline:
+                time.sleep(0.01)
             actuals = [{"unique_id": f["id"], "ds": ds, "values": [v + 5.0 for v in row]}
                        for f in sent for ds, row in zip(f["timestamps"], f["values"],
                                                         strict=True)]
@@ -135,7 +146,8 @@ def forecasts_then_actuals(base: str, stop: threading.Event, answers: list[dict[
             time.sleep(0.2)
 
 
-def test_live_accuracy_row_and_alert_return_data(service: str, prometheus: str) -> None:
+def test_live_accuracy_row_and_alert_return_data(service: str, prometheus: str,
+                                                 prefix: str) -> None:
     board = json.loads(DASHBOARD.read_text())
     live = rows(board)["Live accuracy"]
     assert len(live) >= 5
@@ -146,7 +158,7 @@ def test_live_accuracy_row_and_alert_return_data(service: str, prometheus: str) 
     answers: list[dict[str, Any]] = []
     failures: list[str] = []
     worker = threading.Thread(target=forecasts_then_actuals,
-                              args=(service, stop, answers, failures))
+                              args=(service, prefix, stop, answers, failures))
     worker.start()
     empty = [*exprs, alert_expr]
     try:

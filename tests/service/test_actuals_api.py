@@ -14,9 +14,18 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import redis
 
 from service.core.accuracy import InProcessMemory, RedisMemory, step_bucket, time_key
-from tests.service.conftest import HORIZON, LOOKBACK, NAME, Served, serving, window
+from tests.service.conftest import (
+    HORIZON,
+    LOOKBACK,
+    NAME,
+    Served,
+    serving,
+    wait_for,
+    window,
+)
 
 
 @pytest.fixture
@@ -115,6 +124,10 @@ def test_a_forecast_on_one_replica_is_scored_on_another(
                                    "start": 0, "freq": "h"}])
         ds = fc["forecasts"][0]["timestamps"]
         assert ds[0] == LOOKBACK * 3600
+        # A stores just after its answer; B can see it once it is in Redis.
+        store = redis.Redis.from_url(redis_url)
+        wait_for(lambda: store.exists(f"{redis_prefix}acc:i:5"))
+        store.close()
         out = cb.post("/v1/actuals", json={"actuals": [
             {"unique_id": "5", "ds": ds[-1], "values": 1.0}]}).json()
         assert (out["matched"], out["pairs"]) == (1, 1)

@@ -138,8 +138,8 @@ class ForecastHandlers:
                     result = await predictor.forecast(req, partial=partial)
                 mode, model = result.mode, result.model
                 if services.live is not None:
-                    # Series with time are remembered for POST /v1/actuals (never fails this).
-                    await services.live.remember(result)
+                    # Series with time are remembered for POST /v1/actuals, after the answer.
+                    services.live.remember(result)
                 total_ms = (time.perf_counter() - t0) * 1000.0
                 with span("encode"):
                     if _wants_msgpack(scope, b"accept"):
