@@ -201,3 +201,47 @@ def test_step_buckets_and_times() -> None:
     assert time_key("2024-01-01T01:00:00+01:00", "ds") == time_key("2024-01-01T00:00:00", "ds")
     assert time_key(3, "ds") == 3.0
     assert time.time() > time_key("2024-01-01", "ds")
+
+
+def test_batch_forecasts_are_remembered_and_channel_counts_must_agree(
+        client: httpx.Client) -> None:
+    # Columnar batch with starts + freq: every series gets times, every one is remembered.
+    n = LOOKBACK
+    r = client.post("/v1/forecast/batch", json={
+        "model": NAME, "ids": ["b0", "b1"], "sizes": [n, n], "n_channels": 2,
+        "values": [float(v) for v in range(2 * n * 2)], "starts": [0, 0], "freq": "h"})
+    assert r.status_code == 200, r.text
+    ds = r.json()["forecasts"][1]["timestamps"]
+    out = client.post("/v1/actuals", json={"actuals": [
+        {"unique_id": "b1", "ds": ds[0], "values": [1.0, 2.0]},
+        # One value for a two-channel forecast: not its actual.
+        {"unique_id": "b0", "ds": ds[0], "values": 1.0},
+    ]}).json()
+    assert (out["matched"], out["unmatched"], out["pairs"]) == (1, 1, 1)
+
+
+def test_doc_models_match_the_wire_structs() -> None:
+    from service.api.evaluation_schemas import (
+        ActualIn,
+        ActualsIn,
+        ActualsWire,
+        ActualWire,
+        BacktestIn,
+        BacktestWire,
+    )
+
+    for doc, wire in ((BacktestIn, BacktestWire), (ActualsIn, ActualsWire),
+                      (ActualIn, ActualWire)):
+        assert set(doc.model_fields) == set(wire.__struct_fields__), doc.__name__
+
+
+def test_openapi_documents_both_routes(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    for path, body, answer in (("/v1/backtest", "BacktestIn", "BacktestOut"),
+                               ("/v1/actuals", "ActualsIn", "ActualsOut")):
+        post = spec["paths"][path]["post"]
+        assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/" + body)
+        assert post["responses"]["200"]["content"]["application/json"]["schema"][
+            "$ref"].endswith("/" + answer)
+        assert body in spec["components"]["schemas"] and "422" in post["responses"]
