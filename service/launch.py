@@ -9,7 +9,7 @@ connections are refused (the client knows nothing was sent) while the workers dr
 has left its accept loop at the signal (`service.app._stop_accepting`), so none of them trips
 over the closed socket. One worker: uvicorn runs no supervisor; the worker shuts it down itself.
 
-Two more changes, for any worker count:
+More changes, for any worker count:
 
 * slow clients: uvicorn closes an idle keep-alive connection after `--timeout-keep-alive`, but
   never one that is still sending its request head (a connection that sends nothing, or one byte
@@ -17,6 +17,7 @@ Two more changes, for any worker count:
   whose request head (request line and headers) is not complete `DISTILCAST_HEAD_TIMEOUT_S`
   seconds (default 10) after the connection opened or after the first byte of a later request
   on it; bodies and answers are not limited by it.
+* TCP_NODELAY on every connection (`nodelay`): in a worker, asyncio left it off.
 * connections spread over the workers: every worker waits on the one shared listening socket
   and asyncio accepts up to `backlog` (2048) pending connections each time it wakes, so the
   first worker to wake took a whole burst (16 connections opened at once: 14 on one worker, 2
@@ -79,6 +80,19 @@ def head_timeout_s() -> float:
     return value
 
 
+def nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on an accepted connection. asyncio sets it only when the socket says
+    `proto == IPPROTO_TCP`; with several workers uvicorn's supervisor binds
+    `socket.socket(AF_INET)` (proto 0) and the workers serve it, so their connections kept
+    Nagle's algorithm: an
+    answer's body (written after its headers) waited for the client's delayed ACK, 40 ms per
+    request with several workers."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class HeadTimeoutH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, closing connections whose request head arrives too slowly."""
 
@@ -86,6 +100,7 @@ class HeadTimeoutH11Protocol(H11Protocol):
     _head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        nodelay(transport)
         super().connection_made(transport)
         if HeadTimeoutH11Protocol.head_timeout is None:
             HeadTimeoutH11Protocol.head_timeout = head_timeout_s()

@@ -171,3 +171,39 @@ def test_a_request_head_sent_too_slowly_is_closed(registry_root: Path) -> None:
                 assert answer.startswith(b"HTTP/1.1 200")
         silent.close()
         trickle.close()
+
+
+def test_connections_of_the_workers_shared_socket_get_nodelay() -> None:
+    """With several workers, uvicorn's supervisor binds `socket.socket(AF_INET)` (proto 0, not
+    IPPROTO_TCP) and the workers serve it: asyncio then leaves Nagle's algorithm on for its
+    connections, and `service.launch.nodelay` turns it off."""
+    import asyncio
+
+    from service.launch import nodelay
+
+    async def main() -> tuple[int, int]:
+        listener = socket.socket(socket.AF_INET)  # as uvicorn's Config.bind_socket does
+        listener.bind(("127.0.0.1", 0))
+        listener.setblocking(False)
+        seen: list[tuple[int, int]] = []
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                before = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                nodelay(transport)
+                seen.append((before, sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        _, writer = await asyncio.open_connection(*listener.getsockname())
+        while not seen:
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+        return seen[0]
+
+    before, after = asyncio.run(main())
+    assert after != 0
+    # asyncio's own check: documents why the call is needed (if this fails, asyncio sets it).
+    assert before == 0
