@@ -289,7 +289,9 @@ class TeacherWindows(WindowSet):
         features: Sequence[Tensor | None],
         teachers: Sequence[Teacher],
     ) -> None:
-        super().__init__(base.series.numpy(), base.lookback, base.horizon, base.start_row)
+        super().__init__(
+            base.series.numpy(), base.lookback, base.horizon, base.start_row, base.segments
+        )
         self.target = target  # [N, H, C]
         self.features = list(features)  # [N, C, D_k] float16 | None per teacher
         self.teachers = list(teachers)

@@ -94,6 +94,8 @@ class ShardedWindows(WindowSet):
         self.lookback = windows.lookback
         self.horizon = windows.horizon
         self.start_row = windows.start_row
+        self.segments = windows.segments
+        self.starts = windows.starts
         self.n_windows = windows.n_windows
         self.rank, self.world = rank, world
 

@@ -141,3 +141,125 @@ def test_too_few_rows_for_lookback_plus_horizon(tmp_path: Path) -> None:
 def test_unknown_dataset_name() -> None:
     with pytest.raises(DataError, match="unknown dataset 'nope'"):
         prepare(DataConfig("nope"))
+
+
+# -- long files: one row per series and time step ------------------------------------------------
+
+
+def _long_csv(path: Path, lengths: dict[str, int], start: str = "2024-01-01") -> Path:
+    """Series k's values are k * 1000 + t (channel a) and -(k * 1000 + t) (channel b), rows
+    shuffled, so a window's series is readable from its values."""
+    rows = []
+    for k, (sid, n) in enumerate(lengths.items()):
+        stamps = pd.date_range(start, periods=n, freq="h")
+        for t, ds in enumerate(stamps):
+            rows.append({"unique_id": sid, "ds": ds, "a": k * 1000 + t, "b": -(k * 1000 + t)})
+    frame = pd.DataFrame(rows).sample(frac=1.0, random_state=0)
+    frame.to_csv(path, index=False)
+    return path
+
+
+LONG = {"north": 300, "south": 200, "east": 250}
+
+
+def test_long_file_splits_each_series_chronologically_70_10_20(tmp_path: Path) -> None:
+    L, H = 24, 12
+    data = prepare(DataConfig(str(_long_csv(tmp_path / "long.csv", LONG)), lookback=L, horizon=H))
+    assert data.columns == ("a", "b") and set(data.series) == set(LONG)  # first appearance
+    assert data.describe()["layout"] == "long" and data.describe()["series"] == 3
+    for sid, n in LONG.items():
+        assert data.series_borders[sid] == split_borders("ratio", n, L)
+    for name, windows in data.splits.items():
+        expected = sum(b - a - L - H + 1 for a, b in (data.series_borders[s][name] for s in LONG))
+        assert len(windows) == expected, name
+    # The scaler is fit on the union of the train slices only.
+    train_a = np.concatenate(
+        [k * 1000 + np.arange(int(n * 0.7)) for k, n in enumerate(LONG.values())]
+    )
+    np.testing.assert_allclose(data.scaler.mean[0], train_a.mean(), rtol=1e-5)
+    np.testing.assert_allclose(data.scaler.std[0], train_a.std(), rtol=1e-5)
+
+
+def test_long_windows_never_cross_series_and_stay_in_their_split(tmp_path: Path) -> None:
+    L, H = 24, 12
+    data = prepare(DataConfig(str(_long_csv(tmp_path / "long.csv", LONG)), lookback=L, horizon=H))
+    for name, windows in data.splits.items():
+        x, y = windows.batch(torch.arange(len(windows)))
+        raw = data.scaler.inverse(torch.cat([x, y], dim=1)).numpy()[..., 0]  # [N, L + H]
+        raw = np.rint(raw).astype(np.int64)
+        series, t = raw // 1000, raw % 1000
+        assert (series == series[:, :1]).all(), f"{name}: a window crosses two series"
+        assert (np.diff(t, axis=1) == 1).all(), f"{name}: a window is not consecutive"
+        for k, sid in enumerate(LONG):
+            mine = series[:, 0] == k
+            first_target = t[mine, L]
+            a, b = data.series_borders[sid][name]
+            assert first_target.min() == a + L and t[mine, -1].max() == b - 1
+    # The test targets start right after the validation targets, per series.
+    assert data.series_borders["south"]["test"][0] + L == data.series_borders["south"]["val"][1]
+
+
+def test_long_file_with_another_id_column_name(tmp_path: Path) -> None:
+    path = _long_csv(tmp_path / "long.csv", {"x": 100, "y": 100})
+    path.write_text(path.read_text().replace("unique_id", "store", 1))
+    with pytest.raises(DataError, match=r"column 'store' is not numeric.*'unique_id'"):
+        prepare(DataConfig(str(path), lookback=8, horizon=4))
+    data = prepare(DataConfig(str(path), lookback=8, horizon=4, id_column="store"))
+    assert set(data.series) == {"x", "y"}
+    with pytest.raises(DataError, match=r"no id column 'shop'"):
+        prepare(DataConfig(str(path), lookback=8, horizon=4, id_column="shop"))
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        # No timestamp column at all.
+        ("unique_id,a\ns1,1\ns1,2\n", r"no timestamp column: none of \['unique_id', 'a'\]"),
+        # A non-numeric value column.
+        ("date,a,city\n2020-01-01,1,Oslo\n2020-01-02,2,Bergen\n", r"column 'city' is not numeric"),
+        # A gap (one missing hour) in a wide file.
+        (
+            "date,a\n2020-01-01 00:00,1\n2020-01-01 01:00,2\n2020-01-01 03:00,3\n"
+            "2020-01-01 04:00,4\n",
+            r"gap between row 1 \(line 3, 2020-01-01 01:00:00\) and row 2 \(line 4, "
+            r"2020-01-01 03:00:00\): about 1 missing row\(s\) where the usual step is 0 days 01:00",
+        ),
+        # Rows out of time order, and a repeated timestamp.
+        (
+            "date,a\n2020-01-02,1\n2020-01-01,2\n",
+            r"2020-01-01 00:00:00 at row 1 \(line 3\) comes before",
+        ),
+        ("date,a\n2020-01-01,1\n2020-01-01,2\n", r"at row 1 \(line 3\) repeats"),
+        # A gap inside one series of a long file names the series and its rows in the file.
+        (
+            "unique_id,ds,a\nx,2020-01-01,1\ny,2020-01-01,1\nx,2020-01-02,2\ny,2020-01-03,2\n"
+            "x,2020-01-03,3\ny,2020-01-04,3\ny,2020-01-05,4\n",
+            r"series 'y': gap between row 1 \(line 3, 2020-01-01 00:00:00\) and row 3 \(line 5",
+        ),
+        (
+            "unique_id,ds,a\n,2020-01-01,1\n",
+            r"column 'unique_id' row 0 \(line 2\): empty series id",
+        ),
+    ],
+)
+def test_own_data_problems_are_named(tmp_path: Path, content: str, match: str) -> None:
+    path = _write(tmp_path / "mine.csv", content)
+    with pytest.raises(DataError, match=match) as info:
+        prepare(DataConfig(str(path), lookback=4, horizon=2))
+    assert str(path) in str(info.value)
+
+
+def test_calendar_frequencies_are_regular(tmp_path: Path) -> None:
+    months = pd.date_range("2015-01-01", periods=120, freq="MS")
+    path = _write(
+        tmp_path / "monthly.csv", "date,a\n" + "".join(f"{d},{i}\n" for i, d in enumerate(months))
+    )
+    assert prepare(DataConfig(str(path), lookback=12, horizon=3)).channels == 1
+
+
+def test_a_long_series_too_short_is_named(tmp_path: Path) -> None:
+    path = _long_csv(tmp_path / "long.csv", {"big": 400, "tiny": 60})
+    with pytest.raises(
+        DataError, match=r"series 'tiny': 60 rows are too few for lookback 24 \+ horizon 12"
+    ):
+        prepare(DataConfig(str(path), lookback=24, horizon=12))
