@@ -29,7 +29,8 @@ DESCRIPTION = """Train, pretrain, fine-tune, distil, export and publish Distilca
 
 Commands: train (supervised), pretrain (masked pretraining of a teacher's encoder), finetune
 (a teacher, from a pretrained encoder or from scratch), distill (TimeDistill student), export
-(a run folder to ONNX into the registry), pipeline (the whole chain, stage by stage).
+(a run folder to ONNX into the registry), pipeline (the whole chain, stage by stage), crossval
+(rolling-origin backtest of a run folder).
 Run `python -m training COMMAND --help` for a command's flags. Every run folder resumes with
 --resume; the last stdout line of every command is a JSON object with its result."""
 
@@ -41,7 +42,10 @@ HELP: dict[str, str] = {
     "horizon": "forecast length H",
     "features": "M: every column in and out; S: --target only",
     "target": "target column for --features S",
-    "date_column": "timestamp column (default: 'date', else the first column of timestamps)",
+    "date_column": "timestamp column (default: 'date' or 'ds', else the first column of "
+    "timestamps)",
+    "id_column": "series id column of a long file: one model over every series (default: "
+    "'unique_id' when the file has one, else the file is wide: one series)",
     "epochs": "maximum epochs (early stopping may end sooner)",
     "patience": "epochs without a better validation score before stopping",
     "min_epochs": "no early stop before this many epochs",
@@ -284,6 +288,16 @@ def cmd_pipeline(a: argparse.Namespace) -> dict[str, Any]:
     return run_pipeline(cfg)
 
 
+def cmd_crossval(a: argparse.Namespace) -> dict[str, Any]:
+    from training.crossval import CrossvalConfig, write_crossval
+
+    return write_crossval(
+        CrossvalConfig(
+            run=a.run, h=a.h, n_windows=a.n_windows, step=a.step, dataset=a.dataset, out=a.out
+        )
+    )
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 
@@ -374,6 +388,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="skip finished stages, continue unfinished runs"
     )
     p.set_defaults(handler=cmd_pipeline)
+
+    p = sub.add_parser(
+        "crossval",
+        help="rolling-origin backtest of a run folder (like POST /v1/backtest, offline)",
+    )
+    p.add_argument("--run", required=True, help="run folder (run.json + best.safetensors)")
+    p.add_argument("--h", type=int, default=None, help="steps per window (default: the horizon)")
+    p.add_argument("--n-windows", type=int, default=1, help="windows per series (default: 1)")
+    p.add_argument("--step", type=int, default=None, help="rows between origins (default: h)")
+    p.add_argument(
+        "--dataset", default=None, help="another CSV with the run's columns (default: the run's)"
+    )
+    p.add_argument(
+        "--out", default=None, help="folder for crossval.csv/.json (default: RUN/crossval)"
+    )
+    p.set_defaults(handler=cmd_crossval)
     return parser
 
 
