@@ -22,7 +22,7 @@ class BacktestWire(msgspec.Struct, forbid_unknown_fields=True):
     model: str | None = None
     mode: BacktestMode = "fast"
     h: PositiveInt | None = None
-    n_windows: Annotated[int, Meta(ge=1, le=1000)] = 1
+    n_windows: PositiveInt = 1
     step: PositiveInt | None = None
     level: Levels | None = None
 
@@ -52,7 +52,8 @@ class BacktestIn(_Doc):
         "distillation gap per window.")
     h: int | None = Field(None, ge=1, description="Forecast steps per window (default: the "
                           "model's horizon).")
-    n_windows: int = Field(1, ge=1, le=1000, description="Windows per series.")
+    n_windows: int = Field(1, ge=1, description="Windows per series (series x windows count "
+                           "against the series limit per request).")
     step: int | None = Field(None, ge=1, description="Rows between window origins (default h).")
     level: list[float] | None = Field(None, description="Interval levels in percent.",
                                       examples=[[80, 95]])
