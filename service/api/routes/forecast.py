@@ -35,11 +35,15 @@ class Decoder(Protocol):
 
 
 MSGPACK = "application/msgpack"
+ARROW = "application/vnd.apache.arrow.stream"
 Handler = Callable[[Scope, Receive], Awaitable[Response]]
 FORECAST = "/v1/forecast"
 BATCH = "/v1/forecast/batch"
 
 OK_CONTENT: dict[int | str, dict[str, Any]] = {200: {"content": {"application/msgpack": {}}}}
+BATCH_OK: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/msgpack": {}, ARROW: {}}}
+}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorOut, "description": "Body is not JSON / not the endpoint's shape"},
     404: {"model": ErrorOut, "description": "Unknown model, alias or version"},
@@ -72,6 +76,17 @@ def _content_length(scope: Scope) -> int | None:
 def _wants_msgpack(scope: Scope, header: bytes) -> bool:
     value = _header(scope, header)
     return value is not None and b"msgpack" in value
+
+
+def _is_arrow(scope: Scope, header: bytes) -> bool:
+    value = _header(scope, header)
+    return value is not None and b"arrow" in value
+
+
+def _wants_json(scope: Scope) -> bool:
+    """An Arrow request answered in JSON when asked (`Accept: application/json`)."""
+    value = _header(scope, b"accept")
+    return value is not None and b"json" in value and b"arrow" not in value
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -130,19 +145,36 @@ class ForecastHandlers:
             reserved = services.admit(_content_length(scope))
             with span(route):
                 body = await read_body(scope, receive, services.settings.max_body_bytes)
+                layout = None
                 with span("decode"):
-                    req = decoder(body, services.limits,
-                                  msgpack=_wants_msgpack(scope, b"content-type"))
+                    if partial and _is_arrow(scope, b"content-type"):
+                        # Imported on first use: pyarrow costs the JSON-only replica nothing.
+                        from service.api import arrow
+
+                        req, layout = arrow.batch_request(body, services.limits,
+                                                          scope.get("query_string", b""))
+                    else:
+                        req = decoder(body, services.limits,
+                                      msgpack=_wants_msgpack(scope, b"content-type"))
                 mode = req.mode
                 with span("inference"):
                     result = await predictor.forecast(req, partial=partial)
                 mode, model = result.mode, result.model
                 if services.live is not None:
+                    if layout is not None:
+                        from service.api import arrow
+
+                        arrow.attach_times(result, layout)
                     # Series with time are remembered for POST /v1/actuals, after the answer.
                     services.live.remember(result)
                 total_ms = (time.perf_counter() - t0) * 1000.0
                 with span("encode"):
-                    if _wants_msgpack(scope, b"accept"):
+                    if layout is not None and not _wants_json(scope):
+                        from service.api import arrow
+
+                        response = Response(arrow.forecast_arrow(result, layout, total_ms),
+                                            media_type=ARROW)
+                    elif _wants_msgpack(scope, b"accept"):
                         response = Response(encode.forecast_msgpack(result, total_ms),
                                             media_type=MSGPACK)
                     else:
@@ -187,6 +219,15 @@ class HotPaths:
         await self.app(scope, receive, send)
 
 
+def batch_doc() -> dict[str, Any]:
+    doc = body_doc(BatchIn)
+    doc["requestBody"]["content"][ARROW] = {
+        "schema": {"type": "string", "format": "binary",
+                   "description": "Arrow IPC stream, long form: unique_id, ds?, value columns"}
+    }
+    return doc
+
+
 def build_router(handlers: ForecastHandlers) -> APIRouter:
     router = APIRouter(route_class=RawRoute, tags=["forecast"])
 
@@ -205,13 +246,19 @@ def build_router(handlers: ForecastHandlers) -> APIRouter:
     @router.post(
         BATCH,
         response_model=BatchOut,
-        responses={**OK_CONTENT, **ERRORS},
-        openapi_extra=body_doc(BatchIn),
+        responses={**BATCH_OK, **ERRORS},
+        openapi_extra=batch_doc(),
         summary="Forecast many series (row or columnar form)",
     )
     async def forecast_batch(request: Request) -> Response:
         """Many series in one call. Results come back in input order; a bad series gets an
-        `error` entry instead of failing the batch."""
+        `error` entry instead of failing the batch.
+
+        Also Arrow IPC (`Content-Type: application/vnd.apache.arrow.stream`): long form
+        (`unique_id`, optional `ds`, value columns), options in the query string (`model`,
+        `mode`, `h`, `level` repeated, `deadline_ms`); answered in Arrow with the batch job's
+        columns (`<col>-lo-<level>`/`<col>-hi-<level>`), model, version and failures in the
+        schema metadata, or in JSON with `Accept: application/json`."""
         return await handlers.batch(request.scope, request.receive)
 
     return router
