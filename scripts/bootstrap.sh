@@ -14,10 +14,10 @@ fi
 
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 stamp=.venv/.distilcast-installed
-want="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-64) $extras"
+want="$(cat pyproject.toml client/pyproject.toml requirements.lock | sha256sum | cut -c1-64) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "bootstrap: installing pinned dependencies into .venv (extras: $extras)" >&2
     .venv/bin/python -m pip install --quiet --disable-pip-version-check \
-        -c requirements.lock -e ".[$extras]"
+        -c requirements.lock -e ".[$extras]" -e "./client[plot]"
     echo "$want" > "$stamp"
 fi
