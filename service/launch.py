@@ -85,8 +85,8 @@ def nodelay(transport: asyncio.BaseTransport) -> None:
     `proto == IPPROTO_TCP`; with several workers uvicorn's supervisor binds
     `socket.socket(AF_INET)` (proto 0) and the workers serve it, so their connections kept
     Nagle's algorithm: an
-    answer's body (written after its headers) waited for the client's delayed ACK, 40 ms per
-    request with several workers."""
+    answer's body (written after its headers) waited for the client's delayed ACK (at least
+    40 ms on Linux) on every request."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
