@@ -4,6 +4,7 @@ last + 1), dated windows, both modes with the gap, and the refusals."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.core.backtest import needed_points, origins
-from tests.service.conftest import HORIZON, LOOKBACK, NAME
+from tests.service.conftest import HORIZON, LOOKBACK, NAME, serving
 
 
 def history(n: int, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -150,3 +151,22 @@ def test_refusals_name_the_field(client: httpx.Client, body: dict[str, Any], sta
 def test_the_series_and_point_limits_apply(client: httpx.Client) -> None:
     r = backtest(client, {"series": [{"id": i, "values": [1.0] * 50} for i in range(51)]})
     assert r.status_code == 413 and r.json()["error"]["field"] == "series"
+
+
+def test_keys_and_draining_guard_both_routes(registry_root: Path) -> None:
+    from service.api.access import key_digest
+
+    body = {"model": NAME, "series": [{"id": "a", "values": history(LOOKBACK + HORIZON)[:, 0]
+                                       .tolist()}]}
+    actuals = {"actuals": [{"unique_id": "a", "ds": 0, "values": 1.0}]}
+    with serving(registry_root=registry_root, api_keys=(key_digest("secret-key"),)) as s, \
+            s.client() as c:
+        for path, payload in (("/v1/backtest", body), ("/v1/actuals", actuals)):
+            assert c.post(path, json=payload).status_code == 401
+            assert c.post(path, json=payload, headers={"X-API-Key": "wrong"}).status_code == 403
+            r = c.post(path, json=payload, headers={"X-API-Key": "secret-key"})
+            assert r.status_code == 200, r.text
+        s.services.draining = True
+        r = c.post("/v1/backtest", json=body, headers={"X-API-Key": "secret-key"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        s.services.draining = False
