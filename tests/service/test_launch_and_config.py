@@ -207,3 +207,29 @@ def test_connections_of_the_workers_shared_socket_get_nodelay() -> None:
     assert after != 0
     # asyncio's own check: documents why the call is needed (if this fails, asyncio sets it).
     assert before == 0
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_is_replaced_and_its_live_gauges_leave(registry_root: Path,
+                                                                   tmp_path: Path) -> None:
+    """SIGKILL one of two workers: the supervisor starts a replacement and marks the dead one
+    (prometheus-client's mark_process_dead), so its live gauge file goes and /metrics keeps
+    answering from both live workers."""
+    metrics_dir = tmp_path / "prom"
+    env = {"PORT": str(free_port()), "WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+           "DISTILCAST_REGISTRY_ROOT": str(registry_root)}
+
+    def live_pids() -> set[int]:
+        return {int(p.stem.rsplit("_", 1)[-1]) for p in metrics_dir.glob("gauge_livesum_*.db")}
+
+    with launched(env) as url:
+        deadline = time.monotonic() + 30
+        while len(live_pids()) < 2:
+            assert time.monotonic() < deadline, live_pids()
+            time.sleep(0.1)
+        victim = min(live_pids())
+        os.kill(victim, signal.SIGKILL)
+        while victim in live_pids() or len(live_pids()) < 2:
+            assert time.monotonic() < deadline + 30, (victim, live_pids())
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 200
