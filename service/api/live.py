@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from redis.exceptions import RedisError
 
 from service import metrics
 from service.api.evaluation_schemas import ActualsWire
 from service.core.accuracy import ForecastMemory, records, step_bucket, time_key
-from service.core.errors import InvalidInput
+from service.core.errors import InvalidInput, ModelUnavailable
 from service.core.pool import ModelPool
 from service.core.types import ForecastResult, SeriesForecast
 
@@ -114,7 +115,12 @@ class LiveAccuracy:
                 raise InvalidInput("values must be finite numbers (one per channel)",
                                    field=f"actuals[{i}].values")
             ys.append(y)
-        outcomes = await self.memory.match(keys)
+        try:
+            outcomes = await self.memory.match(keys)
+        except RedisError as exc:
+            # Nothing was scored: the caller may send the same actuals again.
+            raise ModelUnavailable(f"the live-accuracy store (Redis) is unavailable: {exc}",
+                                   field=None) from None
         sums: dict[tuple[str, int, str, str], _Sums] = {}
         matched = duplicates = pairs = unmatched = 0
         for y, outcome in zip(ys, outcomes, strict=True):

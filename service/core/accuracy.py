@@ -27,7 +27,6 @@ from typing import Any, Protocol, cast
 import msgspec
 import numpy as np
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from service.core.errors import InvalidInput
 from service.core.timeaxis import Stamp
@@ -380,5 +379,5 @@ def open_memory(redis_url: str | None, prefix: str, max_values: int) -> Forecast
     return InProcessMemory(max_values)
 
 
-__all__ = ["ForecastMemory", "InProcessMemory", "Outcome", "Pair", "RedisError", "RedisMemory",
-           "open_memory", "records", "step_bucket", "time_key"]
+__all__ = ["ForecastMemory", "InProcessMemory", "Outcome", "Pair", "RedisMemory", "open_memory",
+           "records", "step_bucket", "time_key"]

@@ -245,3 +245,20 @@ def test_openapi_documents_both_routes(client: httpx.Client) -> None:
         assert post["responses"]["200"]["content"]["application/json"]["schema"][
             "$ref"].endswith("/" + answer)
         assert body in spec["components"]["schemas"] and "422" in post["responses"]
+
+
+def test_redis_away_forecasts_still_answer_and_actuals_say_503(registry_root: Path) -> None:
+    # Nothing listens on the port: the registry degrades to its local copies, forecasts answer
+    # (the failed store is counted), and actuals are refused with 503 + Retry-After.
+    from tests.models_registry.conftest import free_port
+
+    with serving(registry_root=registry_root,
+                 redis_url=f"redis://127.0.0.1:{free_port()}/0") as s, s.client() as c:
+        forecast(c, series=[{"id": "r", "values": window(LOOKBACK, channels=1),
+                             "start": 0, "freq": "h"}])
+        wait_for(lambda: metric(c.get("/metrics").text, "distilcast_forecasts_remembered_total",
+                                result="error") >= 1)
+        r = c.post("/v1/actuals", json={"actuals": [{"unique_id": "r", "ds": 0,
+                                                     "values": 1.0}]})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert "Redis" in r.json()["error"]["message"]
