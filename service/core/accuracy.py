@@ -16,6 +16,7 @@ No HTTP and no metrics exporter here: the web layer turns `Pair`s into Prometheu
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import time
@@ -110,11 +111,15 @@ class ForecastRecord:
                    {k: (arr(lo), arr(hi)) for k, (lo, hi) in d["intervals"].items()}, d["ttl"])
 
     def step_of(self, t: float) -> int | None:
-        """0-based index of time `t` in this forecast, or None."""
-        for i, ti in enumerate(self.times):
-            if abs(ti - t) < 1e-3:
-                return i
+        """0-based index of time `t` in this forecast (its times increase), or None."""
+        i = bisect.bisect_left(self.times, t - 1e-3)
+        if i < len(self.times) and abs(self.times[i] - t) < 1e-3:
+            return i
         return None
+
+
+def _first_time(fid: str) -> float:
+    return float(fid.rsplit(":", 1)[1])
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -231,6 +236,8 @@ class InProcessMemory:
                 if expiry < now:
                     self._drop((uid, fid))
                     continue
+                if not rec.times[0] - 1e-3 <= t <= rec.times[-1] + 1e-3:
+                    continue
                 step = rec.step_of(t)
                 if step is None:
                     continue
@@ -334,21 +341,25 @@ class RedisMemory:
         for uid, t in actuals:
             pipe.zrangebyscore(f"{p}i:{uid}", t - 1e-3, "+inf")
         found: list[list[bytes]] = await pipe.execute()
-        wanted = [(i, uid, fid.decode()) for i, ((uid, _), fids) in
-                  enumerate(zip(actuals, found, strict=True)) for fid in fids]
+        # The index holds forecasts ending at or after t; a forecast id ends with its first
+        # time, so those starting after t are left out before any forecast is fetched.
+        wanted = [(i, uid, name) for i, ((uid, t), fids) in
+                  enumerate(zip(actuals, found, strict=True))
+                  for name in (fid.decode() for fid in fids) if _first_time(name) <= t + 1e-3]
         if not wanted:
             return [Outcome() for _ in actuals]
-        keys = [self._blob(uid, fid) for _, uid, fid in wanted]
-        blobs = cast(list[bytes | None], await self.client.mget(keys))
+        # Actuals of one series share forecasts: fetch and decode each once.
+        keys = list(dict.fromkeys(self._blob(uid, fid) for _, uid, fid in wanted))
+        fetched = cast(list[bytes | None], await self.client.mget(keys))
+        decoded = {k: None if raw is None else ForecastRecord.from_bytes(raw)
+                   for k, raw in zip(keys, fetched, strict=True)}
         candidates: list[tuple[int, ForecastRecord, int]] = []
         stale = self.client.pipeline(transaction=False)
-        cache: dict[bytes, ForecastRecord] = {}
-        for (i, uid, fid), raw in zip(wanted, blobs, strict=True):
-            if raw is None:  # expired or trimmed: drop it from the series' index
+        for i, uid, fid in wanted:
+            rec = decoded[self._blob(uid, fid)]
+            if rec is None:  # expired or trimmed: drop it from the series' index
                 stale.zrem(f"{p}i:{uid}", fid)
                 continue
-            rec = cache.get(raw) or ForecastRecord.from_bytes(raw)
-            cache[raw] = rec
             step = rec.step_of(actuals[i][1])
             if step is not None:
                 candidates.append((i, rec, step))

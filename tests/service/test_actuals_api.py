@@ -262,3 +262,25 @@ def test_redis_away_forecasts_still_answer_and_actuals_say_503(registry_root: Pa
                                                      "values": 1.0}]})
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
         assert "Redis" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("store", ["redis", "in-process"])
+def test_rolling_forecasts_each_match_the_actuals_they_hold(
+        store: str, redis_url: str, redis_prefix: str) -> None:
+    """Forecasts of 4 hours first forecasting hours 0..9: the actual at hour 6 is held by those
+    starting at hours 3..6 only (steps 4..1); earlier or later ones are not matched."""
+
+    async def scenario() -> None:
+        memory: Any = (RedisMemory(redis_url, redis_prefix, max_values=10_000)
+                       if store == "redis" else InProcessMemory(max_values=10_000))
+        try:
+            await memory.remember([_record("s", float(origin)) for origin in range(10)])
+            (outcome,) = await memory.match([("s", 6.0)])
+            got = sorted((p.record.times[0], p.step) for p in outcome.pairs)
+            assert got == [(3.0, 3), (4.0, 2), (5.0, 1), (6.0, 0)]
+            (again,) = await memory.match([("s", 6.0)])
+            assert (again.pairs, again.duplicates) == ([], 4)
+        finally:
+            await memory.close()
+
+    asyncio.run(scenario())
