@@ -13,12 +13,18 @@ concurrency 1 and 8, with the same forecast-shaped body (one series, lookback x 
   accurate    POST /v1/forecast, mode accurate (teacher ensemble)
   batch       POST /v1/forecast/batch, columnar form, 1000 series
   batch_msgpack  the same batch as msgpack, its values one float32 bin (informative)
+  batch_arrow the same 1000 windows as an Arrow IPC stream (long form: unique_id and the 7
+              value columns, float32), answered in Arrow (the client's path for many series)
   raw_ort     in-process ONNX Runtime on the same 1000 windows (same core, one thread)
   raw_ort_1   in-process ONNX Runtime on one window, the fast body's size (same core, one
               thread): the model's own share of a fast request, so `raw_ort_1/echo_min` says how
               far below `fast/echo_min` no serving work can go (fast ~ echo + this)
 
-and writes bench/results/latency.json (records + ratio records) and latency.md.
+and writes bench/results/latency.json (records + ratio records) and latency.md. A run of some
+`--cases` (and `--concurrency`) keeps the previous file's records it did not measure, e.g.
+`--cases batch_arrow raw_ort --concurrency 1` for `batch_arrow/raw_ort` alone.
+`python bench/latency.py arrow` measures `batch_arrow/raw_ort` alone, the two interleaved in rounds
+(bench/latency_arrow.py; steadier on a shared machine), and replaces that record.
 `python bench/latency.py workers` measures the fast path with 1 and 2 uvicorn workers and adds
 the record `workers2/workers1` (bench/latency_workers.py); a full run keeps that record.
 The service runs with shadow_fraction=0 so `fast` measures only the request path.
@@ -195,7 +201,28 @@ def bodies(model: str, lookback: int, out: Path) -> tuple[dict[str, Path], np.nd
         )
     )
     paths["batch_msgpack"] = p
+    paths["batch_arrow"] = arrow_body(windows, out)
     return paths, windows.astype(np.float32)
+
+
+ARROW = "application/vnd.apache.arrow.stream"
+
+
+def arrow_body(windows: np.ndarray, out: Path) -> Path:
+    """The batch as the client sends many series: an Arrow IPC stream in long form (one row per
+    series and time step: unique_id, then one float32 column per channel)."""
+    import pyarrow as pa
+
+    n, lookback, c = windows.shape
+    flat = windows.astype(np.float32).reshape(n * lookback, c)
+    cols = {"unique_id": pa.array(np.repeat([f"s{i}" for i in range(n)], lookback))}
+    for j in range(c):
+        cols[f"c{j}"] = pa.array(np.ascontiguousarray(flat[:, j]))
+    table = pa.table(cols)
+    p = out / "batch.arrow"
+    with pa.OSFile(str(p), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return p
 
 
 # -- servers ---------------------------------------------------------------------------------------
@@ -262,6 +289,8 @@ end
 
 
 def ctype(body: Path) -> str:
+    if body.suffix == ".arrow":
+        return ARROW
     return "application/msgpack" if body.suffix == ".msgpack" else "application/json"
 
 
@@ -272,6 +301,13 @@ def check_once(url: str, body: Path) -> None:
     req = urllib.request.Request(url, data=body.read_bytes(), headers=headers)
     with urllib.request.urlopen(req, timeout=120) as r:
         raw = r.read()
+    if body.suffix == ".arrow":
+        import pyarrow as pa
+
+        meta = pa.ipc.open_stream(raw).schema.metadata or {}
+        if json.loads(meta.get(b"failures", b"[]")):
+            raise RuntimeError(f"{url}: {meta[b'failures'][:300]!r}")
+        return
     payload = msgspec.msgpack.decode(raw) if body.suffix == ".msgpack" else json.loads(raw)
     errors = [f["error"] for f in payload.get("forecasts", []) if "error" in f]
     if "error" in payload or errors:
@@ -442,10 +478,12 @@ def write_md(
         "fast_rps/echo_naive_rps": ">= 2.5 (at 8)",
         "batch/raw_ort": ">= 0.7",
         "batch_msgpack/raw_ort": "(informative)",
+        "batch_arrow/raw_ort": ">= 0.8",
     }
     for r in ratios:
         lines.append(
-            f"| {r['ratio']} | {r['concurrency']} | {r['value']:.3f} | {targets[r['ratio']]} |"
+            f"| {r['ratio']} | {r.get('concurrency', '')} | {r['value']:.3f} | "
+            f"{targets.get(r['ratio'], '')} |"
         )
     lines += [
         "",
@@ -469,8 +507,8 @@ def main() -> None:
     p.add_argument(
         "--cases",
         nargs="+",
-        default=["echo_naive", "echo_min", "fast", "accurate", "batch", "batch_msgpack", "raw_ort",
-                 "raw_ort_1"],
+        default=["echo_naive", "echo_min", "fast", "accurate", "batch", "batch_msgpack",
+                 "batch_arrow", "raw_ort", "raw_ort_1"],
     )
     args = p.parse_args()
 
@@ -509,7 +547,8 @@ def main() -> None:
                 base_env,
                 _probe(url),
             )
-    service_cases = [c for c in ("fast", "accurate", "batch", "batch_msgpack") if c in args.cases]
+    service_cases = [c for c in ("fast", "accurate", "batch", "batch_msgpack", "batch_arrow")
+                     if c in args.cases]
     if service_cases:
         port = free_port()
         env = {
@@ -529,6 +568,11 @@ def main() -> None:
             "batch_msgpack": (
                 f"http://127.0.0.1:{port}/v1/forecast/batch",
                 paths["batch_msgpack"],
+                BATCH_SERIES,
+            ),
+            "batch_arrow": (
+                f"http://127.0.0.1:{port}/v1/forecast/batch?model={args.model}&mode=fast",
+                paths["batch_arrow"],
                 BATCH_SERIES,
             ),
         }
@@ -589,7 +633,7 @@ def main() -> None:
                 }
             )
         ort_rec = results.get(("raw_ort", 1))
-        for case in ("batch", "batch_msgpack"):
+        for case in ("batch", "batch_msgpack", "batch_arrow"):
             batch = results.get((case, conc))
             if batch and ort_rec:
                 ratios.append(
@@ -612,13 +656,22 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "latency.json"
-    # Measured by `latency.py workers` (bench/latency_workers.py), not by this run: kept.
-    kept = [r for r in json.loads(out.read_text()).get("records", [])
-            if r.get("ratio") == "workers2/workers1"] if out.exists() else []
+    # Records this run did not measure (`latency.py workers`' workers2/workers1, or cases and
+    # concurrencies left out of --cases/--concurrency) are kept from the previous file.
+    def key(r: dict[str, Any]) -> tuple[str, Any]:
+        return r.get("case") or r.get("ratio") or "", r.get("concurrency")
+
+    measured = {key(r) for r in records + ratios}
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    kept = [r for r in previous.get("records", []) if key(r) not in measured]
+    if previous.get("meta", meta) != meta:
+        # Measured on another setup (model, registry, machine): each kept record says which.
+        kept = [{**r, "meta": r.get("meta", previous["meta"])} for r in kept]
     out.write_text(
         json.dumps({"meta": meta, "records": records + ratios + kept}, indent=2) + "\n"
     )
-    write_md(args.out / "latency.md", records, ratios, meta)
+    write_md(args.out / "latency.md", records + [r for r in kept if "case" in r],
+             ratios + [r for r in kept if "ratio" in r], meta)
     for r in ratios:
         print(json.dumps(r))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -632,6 +685,10 @@ def _probe(url: str) -> str:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "arrow":
+        import latency_arrow  # bench/, beside this file
+
+        latency_arrow.main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "workers":
         import latency_workers  # bench/, beside this file
 
