@@ -118,8 +118,10 @@ def _time_ints(col: pa.Array) -> np.ndarray:
     return np.asarray(col.cast(storage).to_numpy(zero_copy_only=False), np.int64)
 
 
-def _values(table: pa.Table, cols: list[str]) -> np.ndarray:
-    """The value columns as float32 [rows, C]; nulls become NaN (refused per series)."""
+def _values(table: pa.Table, cols: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The value columns as float32 [rows, C] (nulls become NaN, refused per series), and which
+    rows hold a non-finite value (None when all are finite: checked column by column, on the
+    contiguous arrays, before the stacking)."""
     arrays: list[np.ndarray] = []
     for name in cols:
         col = table.column(name).combine_chunks()
@@ -129,9 +131,11 @@ def _values(table: pa.Table, cols: list[str]) -> np.ndarray:
         if col.type != pa.float32():
             col = col.cast(pa.float32(), safe=False)
         arrays.append(col.to_numpy(zero_copy_only=False))  # zero-copy when there are no nulls
+    finite = [np.isfinite(a) for a in arrays]
+    bad = None if all(f.all() for f in finite) else ~np.logical_and.reduce(finite)
     if len(arrays) == 1:
-        return arrays[0].reshape(-1, 1)
-    return np.column_stack(arrays)
+        return arrays[0].reshape(-1, 1), bad
+    return np.column_stack(arrays), bad
 
 
 def batch_request(body: bytes, limits: Limits, query: bytes) -> tuple[ForecastRequest, ArrowLayout]:
@@ -164,8 +168,7 @@ def batch_request(body: bytes, limits: Limits, query: bytes) -> tuple[ForecastRe
                 raise InvalidInput(f"the rows of series {sid!r} are not contiguous",
                                    field=f"{ID}[{int(starts[k])}]")
             seen.add(sid)
-    values = _values(table, value_cols)
-    finite = np.isfinite(values).all(axis=1)
+    values, bad_rows = _values(table, value_cols)
 
     last = step = None
     time_type = None
@@ -183,12 +186,14 @@ def batch_request(body: bytes, limits: Limits, query: bytes) -> tuple[ForecastRe
         time_bad = np.zeros(n, bool)
         time_bad[1:] = gaps <= 0
         time_bad[starts] = False
+        if not time_bad.any():
+            time_bad = None
 
     series: list[SeriesInput | SeriesFailure] = []
     for k, sid in enumerate(run_ids):
         a, b = int(starts[k]), int(starts[k] + sizes[k])
-        if not finite[a:b].all():
-            row = a + int(np.flatnonzero(~finite[a:b])[0])
+        if bad_rows is not None and bad_rows[a:b].any():
+            row = a + int(np.flatnonzero(bad_rows[a:b])[0])
             col = int(np.flatnonzero(~np.isfinite(values[row]))[0])
             series.append(SeriesFailure(sid, InvalidInput(
                 f"value must be finite, got {values[row, col]}",
