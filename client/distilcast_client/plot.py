@@ -80,5 +80,5 @@ def plot(history: pd.DataFrame,
             ax.set_title(f"{sid} · {name}", loc="left", fontsize=10)
             ax.grid(alpha=0.3)
             if r == 0 and c == 0:
-                ax.legend(fontsize=8, loc="upper left", ncols=2)
+                ax.legend(fontsize=8, loc="lower left", ncols=2)
     return fig
