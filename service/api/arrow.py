@@ -98,7 +98,7 @@ def _read(body: bytes) -> pa.Table:
     try:
         with pa.ipc.open_stream(pa.py_buffer(body)) as reader:
             return reader.read_all()
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise MalformedBody(f"not a valid Arrow IPC stream: {exc}", field="body") from None
 
 
@@ -143,6 +143,9 @@ def batch_request(body: bytes, limits: Limits, query: bytes) -> tuple[ForecastRe
     model, mode, horizon, levels, deadline = _options(query)
     table = _read(body)
     names = table.column_names
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise InvalidInput(f"column {twice!r} appears more than once", field=twice)
     if ID not in names:
         raise InvalidInput(f"the stream needs a {ID!r} column (has {names})", field=ID)
     value_cols = [c for c in names if c not in (ID, DS)]
@@ -153,6 +156,12 @@ def batch_request(body: bytes, limits: Limits, query: bytes) -> tuple[ForecastRe
         raise InvalidInput("at least one series is required", field=ID)
     limits.check_points(n * len(value_cols), "values")
     ids = table.column(ID).combine_chunks()
+    if pa.types.is_dictionary(ids.type):
+        ids = ids.dictionary_decode()
+    if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
+            or pa.types.is_integer(ids.type)):
+        raise InvalidInput(f"unique_id has type {ids.type}: expected strings or integers",
+                           field=ID)
     if ids.null_count:
         raise InvalidInput("unique_id must not be null", field=ID)
     # Runs of equal ids, found by Arrow (no Python object per row).

@@ -90,6 +90,13 @@ def test_arrow_request_answered_in_json_when_asked(client: httpx.Client) -> None
     assert np.asarray(body["forecasts"][0]["values"]).shape == (HORIZON, 2)
 
 
+def test_categorical_ids(client: httpx.Client) -> None:
+    t = table(2)
+    t = t.set_column(0, "unique_id", t["unique_id"].dictionary_encode())
+    out = read(post(client, stream(t)).content)
+    assert out["unique_id"].to_pylist() == ["s0"] * HORIZON + ["s1"] * HORIZON
+
+
 def test_integer_time_and_no_time(client: httpx.Client) -> None:
     t = table(2, ds=False)
     ints = t.add_column(1, "ds", pa.array(np.tile(np.arange(LOOKBACK) * 7, 2), pa.int64()))
@@ -119,6 +126,10 @@ def test_bad_series_fail_alone(client: httpx.Client) -> None:
     (stream(table(2).set_column(2, "load", pa.array(["x"] * 2 * LOOKBACK))), {}, 422, "load"),
     (stream(pa.concat_tables([table(2), table(2)])), {}, 422, f"unique_id[{2 * LOOKBACK}]"),
     (stream(table(1)), {"mode": "slow"}, 422, "mode"),
+    (stream(table(1).set_column(0, "unique_id", pa.array([1.5] * LOOKBACK))), {}, 422,
+     "unique_id"),
+    (stream(pa.table([pa.array(["a"] * 4), pa.array([1.0] * 4), pa.array([2.0] * 4)],
+                     names=["unique_id", "y", "y"])), {}, 422, "y"),
     (stream(table(1)), {"h": "0"}, 422, "h"),
     (stream(table(1)), {"level": "100"}, 422, "level"),
     (stream(table(1)), {"colour": "red"}, 422, "colour"),
