@@ -14,11 +14,12 @@ from distilcast_client.errors import (
     ServerError,
     Unauthorized,
     Unavailable,
+    Unreachable,
 )
 from distilcast_client.plot import plot
 
 __all__ = [
     "AsyncClient", "BacktestResult", "BadRequest", "Client", "Conflict", "DistilcastError",
     "Forbidden", "InvalidInput", "NotFound", "PayloadTooLarge", "RateLimited", "RetryPolicy",
-    "SeriesFailed", "ServerError", "Unauthorized", "Unavailable", "plot",
+    "SeriesFailed", "ServerError", "Unauthorized", "Unavailable", "Unreachable", "plot",
 ]

@@ -17,7 +17,13 @@ import pandas as pd
 import tenacity
 
 from distilcast_client import frames
-from distilcast_client.errors import RETRYABLE, DistilcastError, SeriesFailed, from_response
+from distilcast_client.errors import (
+    RETRYABLE,
+    DistilcastError,
+    SeriesFailed,
+    Unreachable,
+    from_response,
+)
 
 Mode = Literal["fast", "accurate", "auto"]
 BacktestMode = Literal["fast", "accurate", "both"]
@@ -111,11 +117,35 @@ def _finish(frame: pd.DataFrame, meta: Mapping[str, Any], failures: list[dict[st
     return frame
 
 
-def _from_arrow(response: httpx.Response, errors: str) -> pd.DataFrame:
+def _chunks(prep: frames.Prepared, max_values: int, max_series: int) -> list[frames.Prepared]:
+    """Whole series per request, at most `max_values` values and `max_series` series each (the
+    service refuses bigger requests with 413); a single larger series goes alone."""
+    sizes = prep.frame.groupby(frames.ID, sort=False).size().tolist()
+    width = len(prep.targets)
+    bounds: list[tuple[int, int, int]] = []  # (first row, end row, series)
+    start = row = count = 0
+    for n in sizes:
+        if count and ((row - start + n) * width > max_values or count >= max_series):
+            bounds.append((start, row, count))
+            start, count = row, 0
+        row += n
+        count += 1
+    bounds.append((start, row, count))
+    return [frames.Prepared(prep.frame.iloc[a:b], prep.targets, prep.has_time, k)
+            for a, b, k in bounds]
+
+
+def _from_arrow(responses: list[httpx.Response], errors: str) -> pd.DataFrame:
     import json
 
-    frame, meta = frames.from_arrow(response.content)
-    return _finish(frame, meta, json.loads(meta.get("failures", "[]")), errors)
+    parts = [frames.from_arrow(r.content) for r in responses]
+    meta = parts[0][1]
+    failures = [f for _, m in parts for f in json.loads(m.get("failures", "[]"))]
+    frame = pd.concat([f for f, _ in parts], ignore_index=True) if len(parts) > 1 else parts[0][0]
+    versions = sorted({int(m["version"]) for _, m in parts})
+    if len(versions) > 1:  # a promotion landed between two chunks: say so
+        frame.attrs["versions"] = versions
+    return _finish(frame, meta, failures, errors)
 
 
 def _from_json(response: httpx.Response, prep: frames.Prepared, errors: str) -> pd.DataFrame:
@@ -203,23 +233,33 @@ def _check(response: httpx.Response) -> httpx.Response:
 
 class _Base:
     def __init__(self, base_url: str, *, timeout: float, api_key: str | None,
-                 retry: RetryPolicy | None, arrow_min_series: int) -> None:
+                 retry: RetryPolicy | None, arrow_min_series: int, max_series_per_call: int,
+                 max_values_per_call: int) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.retry = retry or RetryPolicy()
         self.arrow_min_series = arrow_min_series
+        self.max_series = max_series_per_call
+        self.max_values = max_values_per_call
 
 
 class Client(_Base):
-    """Synchronous client. `Client("http://127.0.0.1:8000").forecast(df, h=24, level=[80])`."""
+    """Synchronous client. `Client("http://127.0.0.1:8000").forecast(df, h=24, level=[80])`.
+
+    Many series are sent as Arrow batches of whole series, at most `max_series_per_call` series
+    and `max_values_per_call` values (rows x value columns) each, within the service's default
+    limits; the answers are joined into one frame."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout: float = 30.0,
                  api_key: str | None = None, retry: RetryPolicy | None = None,
                  arrow_min_series: int = DEFAULT_ARROW_MIN_SERIES,
+                 max_series_per_call: int = 10_000, max_values_per_call: int = 4_000_000,
                  transport: httpx.BaseTransport | None = None) -> None:
         super().__init__(base_url, timeout=timeout, api_key=api_key, retry=retry,
-                         arrow_min_series=arrow_min_series)
+                         arrow_min_series=arrow_min_series,
+                         max_series_per_call=max_series_per_call,
+                         max_values_per_call=max_values_per_call)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=self.headers,
                                   transport=transport)
 
@@ -236,7 +276,10 @@ class Client(_Base):
         def send() -> httpx.Response:
             return _check(self._http.request(method, url, **kw))
 
-        out: httpx.Response = tenacity.Retrying(**self.retry.kwargs())(send)
+        try:
+            out: httpx.Response = tenacity.Retrying(**self.retry.kwargs())(send)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{method} {url}: {exc!r}") from exc
         return out
 
     def forecast(self, df: pd.DataFrame, h: int | None = None, level: list[float] | None = None,
@@ -249,8 +292,11 @@ class Client(_Base):
         prep, arrow, options = _forecast_plan(df, h, level, mode, model, id_col, time_col,
                                               target_cols, self.arrow_min_series)
         if arrow:
-            req = _arrow_request(prep, options)
-            return _from_arrow(self._call("POST", req.pop("url"), **req), errors)
+            responses = []
+            for part in _chunks(prep, self.max_values, self.max_series):
+                req = _arrow_request(part, options)
+                responses.append(self._call("POST", req.pop("url"), **req))
+            return _from_arrow(responses, errors)
         req = _json_request(prep, options)
         return _from_json(self._call("POST", req.pop("url"), **req), prep, errors)
 
@@ -287,9 +333,12 @@ class AsyncClient(_Base):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout: float = 30.0,
                  api_key: str | None = None, retry: RetryPolicy | None = None,
                  arrow_min_series: int = DEFAULT_ARROW_MIN_SERIES,
+                 max_series_per_call: int = 10_000, max_values_per_call: int = 4_000_000,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         super().__init__(base_url, timeout=timeout, api_key=api_key, retry=retry,
-                         arrow_min_series=arrow_min_series)
+                         arrow_min_series=arrow_min_series,
+                         max_series_per_call=max_series_per_call,
+                         max_values_per_call=max_values_per_call)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout,
                                        headers=self.headers, transport=transport)
 
@@ -306,7 +355,10 @@ class AsyncClient(_Base):
         async def send() -> httpx.Response:
             return _check(await self._http.request(method, url, **kw))
 
-        out: httpx.Response = await tenacity.AsyncRetrying(**self.retry.kwargs())(send)
+        try:
+            out: httpx.Response = await tenacity.AsyncRetrying(**self.retry.kwargs())(send)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{method} {url}: {exc!r}") from exc
         return out
 
     async def forecast(self, df: pd.DataFrame, h: int | None = None,
@@ -317,8 +369,11 @@ class AsyncClient(_Base):
         prep, arrow, options = _forecast_plan(df, h, level, mode, model, id_col, time_col,
                                               target_cols, self.arrow_min_series)
         if arrow:
-            req = _arrow_request(prep, options)
-            return _from_arrow(await self._call("POST", req.pop("url"), **req), errors)
+            responses = []
+            for part in _chunks(prep, self.max_values, self.max_series):
+                req = _arrow_request(part, options)
+                responses.append(await self._call("POST", req.pop("url"), **req))
+            return _from_arrow(responses, errors)
         req = _json_request(prep, options)
         return _from_json(await self._call("POST", req.pop("url"), **req), prep, errors)
 

@@ -59,6 +59,11 @@ class ServerError(DistilcastError):
     """Any other 5xx."""
 
 
+class Unreachable(DistilcastError):
+    """No answer: connection refused, reset or timed out on every try within the retry budget
+    (the httpx error is the `__cause__`)."""
+
+
 class SeriesFailed(DistilcastError):
     """A batch answered, but some series failed. `failures`: [{"id", "error": {...}}];
     `frame`: the forecasts of the series that succeeded."""

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,6 +25,7 @@ from distilcast_client import (
     RetryPolicy,
     SeriesFailed,
     Unavailable,
+    Unreachable,
 )
 
 from tests.service.conftest import HORIZON, LOOKBACK, NAME, Served, make_registry, serving
@@ -89,10 +91,16 @@ def test_one_series_json_round_trip(client: Client) -> None:
 
 def test_500_series_arrow_equals_json(service: Served) -> None:
     df = long_frame(500, columns=("y", "z"), seed=1)
+    rows = LOOKBACK + 4
     with Client(service.url) as arrow_client, \
-            Client(service.url, arrow_min_series=10_000) as json_client:
+            Client(service.url, arrow_min_series=10_000) as json_client, \
+            Client(service.url, max_values_per_call=2 * rows * 60,
+                   transport=(counting := Counting())) as chunked:
         by_arrow = arrow_client.forecast(df, h=6, level=[80], model=NAME)
         by_json = json_client.forecast(df, h=6, level=[80], model=NAME)
+        by_chunks = chunked.forecast(df, h=6, level=[80], model=NAME)
+    assert counting.attempts == 9  # 8 x 60 series + 20
+    pd.testing.assert_frame_equal(by_chunks, by_arrow)
     assert len(by_arrow) == 500 * 6
     assert list(by_arrow.columns) == list(by_json.columns) == [
         "unique_id", "ds", "y", "z", "y-lo-80", "y-hi-80", "z-lo-80", "z-hi-80"]
@@ -203,21 +211,30 @@ def test_retries_stop_within_the_time_budget() -> None:
     assert elapsed < 3.5 and 2 <= len(flaky.calls) <= 4
 
 
+class Counting(httpx.HTTPTransport):
+    """The real transport, counting the connection attempts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.attempts += 1
+        return super().handle_request(request)
+
+
 def test_connection_errors_are_retried_then_raised() -> None:
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, not listening: refused
-    attempts: list[float] = []
+    sock.bind(("127.0.0.1", 0))  # bound, not listening: every connection is refused
+    transport = Counting()
     policy = RetryPolicy(max_s=1.0, initial_s=0.05, max_wait_s=0.2)
-    kwargs = policy.kwargs()
-    kwargs["before"] = lambda state: attempts.append(time.monotonic())
-    import httpx
-    import tenacity
-
-    with httpx.Client(base_url=url) as http, pytest.raises(httpx.ConnectError):
-        tenacity.Retrying(**kwargs)(http.get, "/v1/models")
+    t0 = time.monotonic()
+    with Client(f"http://127.0.0.1:{sock.getsockname()[1]}", retry=policy,
+                transport=transport) as c, pytest.raises(Unreachable) as exc:
+        c.models()
     sock.close()
-    assert len(attempts) >= 3
+    assert isinstance(exc.value.__cause__, httpx.ConnectError)
+    assert transport.attempts >= 3 and time.monotonic() - t0 < 2.0
 
 
 def test_backtest_and_actuals(client: Client) -> None:
