@@ -286,3 +286,18 @@ def test_plot(client: Client, tmp_path: Path) -> None:
     assert len(ax.collections) == 3  # two bands for fast, one for accurate
     fig.savefig(tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_columns_are_the_batch_jobs(client: Client) -> None:
+    """The client's frame and the Ray batch job's Parquet have the same columns, in order."""
+    import pyarrow as pa
+
+    from service.batch.scoring import ScoreSpec
+    from service.core.engine import EngineOptions
+
+    spec = ScoreSpec(registry_root="", name=NAME, version=1, mode="fast", horizon=HORIZON,
+                     levels=(80.0, 95.0), channels=("y", "z"), id_type=pa.string(),
+                     time_type=pa.timestamp("ns"), engine=EngineOptions())
+    few = client.forecast(long_frame(2), model=NAME, level=[80, 95])
+    many = client.forecast(long_frame(30), model=NAME, level=[80, 95])
+    assert list(few.columns) == list(many.columns) == spec.output_schema().names
