@@ -689,6 +689,10 @@ if __name__ == "__main__":
         import latency_arrow  # bench/, beside this file
 
         latency_arrow.main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "fast":
+        import latency_fast  # bench/, beside this file
+
+        latency_fast.main(sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "workers":
         import latency_workers  # bench/, beside this file
 
