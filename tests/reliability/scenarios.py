@@ -1207,8 +1207,10 @@ def two_workers(workdir: Path, lengths: Lengths, redis_server: Any) -> dict[str,
             problems.append(str(exc))
         time.sleep(lengths.redis_settle_s)
         outcomes = load.stop()
-        time.sleep(0.2)
-        text = svc.metrics()
+        answered_forecasts = sum(1 for o in outcomes if o.status == 200 and o.error is None)
+        # Each worker counts a request before its answer is sent: equal once the load stopped.
+        counted = metric_value(svc.metrics(), "distilcast_request_duration_seconds_count",
+                               route=FORECAST, status="200")
         multiproc = Path(svc.env["PROMETHEUS_MULTIPROC_DIR"])
         worker_files = sorted({p.stem.rsplit("_", 1)[-1]
                                for p in multiproc.glob("histogram_*.db")})
@@ -1228,9 +1230,6 @@ def two_workers(workdir: Path, lengths: Lengths, redis_server: Any) -> dict[str,
         drain_outcomes = drain.stop()
     finally:
         svc.stop()
-    answered_forecasts = sum(1 for o in outcomes if o.status == 200 and o.error is None)
-    counted = metric_value(text, "distilcast_request_duration_seconds_count",
-                           route=FORECAST, status="200")
     lag = promotion_lag(outcomes, windows + [(tl.marks["promoted_elsewhere"],
                                               tl.marks["promoted_elsewhere"], k + 2)])
     _problem(problems, counted == answered_forecasts,
