@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras="${DISTILCAST_EXTRAS:-train,dev,batch,otel}"
+extras="${DISTILCAST_EXTRAS:-train,dev,batch,otel,peers}"
 python_bin="${PYTHON:-python3.11}"
 command -v "$python_bin" >/dev/null 2>&1 || python_bin=python3
 if ! "$python_bin" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
