@@ -160,8 +160,8 @@ def _rows_request(body: bytes, limits: Limits) -> ForecastRequest | None:
     """The request when `body` is the common case, else None (nothing raised for bad input)."""
     try:
         wire: Any = _ROWS_FORECAST.decode(body)
-    except msgspec.DecodeError:  # also every ValidationError
-        return None
+    except (msgspec.DecodeError, UnicodeDecodeError):  # also every ValidationError
+        return None  # invalid UTF-8 raises UnicodeDecodeError: the general path answers 400
     series = wire.series
     limits.check_count(len(series), "series")
     _check_unique([s.id for s in series], "series")
