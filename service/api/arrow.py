@@ -233,9 +233,11 @@ def _seconds_per_tick(t: pa.DataType) -> float:
     return 1.0  # integer time: its own units, as /v1/actuals reads numbers
 
 
-def attach_times(result: ForecastResult, layout: ArrowLayout) -> None:
+def attach_times(result: ForecastResult, layout: ArrowLayout, *, iso: bool = False) -> None:
     """Give each forecast its future times (epoch seconds, or the integers of an integer `ds`)
-    so that the live-accuracy memory can remember it, as it does JSON forecasts with time."""
+    so that the live-accuracy memory can remember it, as it does JSON forecasts with time.
+    ``iso``: ISO 8601 text instead of epoch seconds (UTC, no offset), as the JSON answer of a
+    JSON request writes them, for an Arrow request answered in JSON."""
     if layout.time_type is None or layout.last is None or layout.step is None:
         return
     scale = _seconds_per_tick(layout.time_type)
@@ -244,7 +246,13 @@ def attach_times(result: ForecastResult, layout: ArrowLayout) -> None:
     for i, r in enumerate(result.results):
         if isinstance(r, SeriesForecast):
             ticks = layout.last[i] + layout.step[i] * steps
-            r.timestamps = ticks.tolist() if integral else (ticks * scale).tolist()
+            if integral:
+                r.timestamps = ticks.tolist()
+            elif iso:
+                stamps = np.round(ticks * scale * 1e6).astype("datetime64[us]")
+                r.timestamps = np.datetime_as_string(stamps, unit="s").tolist()
+            else:
+                r.timestamps = (ticks * scale).tolist()
 
 
 def forecast_arrow(result: ForecastResult, layout: ArrowLayout, total_ms: float) -> bytes:

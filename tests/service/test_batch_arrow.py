@@ -90,6 +90,17 @@ def test_arrow_request_answered_in_json_when_asked(client: httpx.Client) -> None
     assert np.asarray(body["forecasts"][0]["values"]).shape == (HORIZON, 2)
 
 
+def test_arrow_request_with_time_answered_in_json_gets_iso_timestamps(
+    client: httpx.Client,
+) -> None:
+    r = post(client, stream(table(2)), accept="application/json")
+    assert r.status_code == 200
+    last = np.datetime64("2024-03-01T00:00", "s") + np.timedelta64((LOOKBACK - 1) * 900, "s")
+    want = [str(last + np.timedelta64(900 * k, "s")) for k in range(1, HORIZON + 1)]
+    for f in r.json()["forecasts"]:
+        assert f["timestamps"] == want  # as a JSON request's answer writes them, not seconds
+
+
 def test_categorical_ids(client: httpx.Client) -> None:
     t = table(2)
     t = t.set_column(0, "unique_id", t["unique_id"].dictionary_encode())

@@ -160,11 +160,13 @@ class ForecastHandlers:
                 with span("inference"):
                     result = await predictor.forecast(req, partial=partial)
                 mode, model = result.mode, result.model
-                if services.live is not None:
-                    if layout is not None:
-                        from service.api import arrow
+                if layout is not None and (services.live is not None or _wants_json(scope)):
+                    from service.api import arrow
 
-                        arrow.attach_times(result, layout)
+                    # JSON answers carry ISO text, as JSON requests get; Arrow answers' times
+                    # are in their own ds column, these only feed the live-accuracy memory.
+                    arrow.attach_times(result, layout, iso=_wants_json(scope))
+                if services.live is not None:
                     # Series with time are remembered for POST /v1/actuals, after the answer.
                     services.live.remember(result)
                 total_ms = (time.perf_counter() - t0) * 1000.0
