@@ -276,6 +276,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return schema
         return app.openapi_schema
 
+    # (mypy ignore on the next line) FastAPI documents replacing app.openapi to customise the schema
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, skip=(forecast.FORECAST, forecast.BATCH, evaluation.BACKTEST,
                                         evaluation.ACTUALS))

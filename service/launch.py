@@ -66,6 +66,8 @@ def accept_one_per_wakeup() -> None:
                       server: Any = None, backlog: int = 100, *args: Any, **kwargs: Any) -> Any:
         return original(self, protocol_factory, sock, sslcontext, server, 1, *args, **kwargs)
 
+    # (mypy ignore on the next line) marks the patched function so the patch applies once (functions
+    # take attributes; mypy's type has none)
     start_serving._one_per_wakeup = True  # type: ignore[attr-defined]
     cls._start_serving = start_serving
 
@@ -99,6 +101,8 @@ class HeadTimeoutH11Protocol(H11Protocol):
     head_timeout: float | None = None
     _head_timer: asyncio.TimerHandle | None = None
 
+    # (mypy ignore on the next line) h11's protocol types the transport as BaseTransport; asyncio
+    # gives the Transport we need
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         nodelay(transport)
         super().connection_made(transport)
@@ -185,6 +189,8 @@ def main() -> None:
         head_timeout_s()  # a bad value fails here, before any worker starts
         sys.argv[1:1] = ["--http", HTTP_PROTOCOL]
     cli = importlib.import_module("uvicorn.main")
+    # (mypy ignore on the next line) uvicorn.main re-exports Multiprocess untyped; swapped for the
+    # drain-aware supervisor
     cli.Multiprocess = RefuseWhenStopping  # type: ignore[attr-defined]
     cli.main()
 

@@ -125,6 +125,8 @@ def serving_graph(model: nn.Module, data: PreparedData) -> ServingGraph:
     scaler = {"mean": data.scaler.mean.tolist(), "std": data.scaler.std.tolist()}
     equivariant = bool(getattr(model, "scale_equivariant", False))
     independent = bool(getattr(model, "channel_independent", False))
+    # (mypy ignore on the next line) nn.Module.__getattr__ is typed Tensor | Module; Forecasters set
+    # ints
     lookback, horizon = int(model.lookback), int(model.horizon)  # type: ignore[arg-type]
     norm = getattr(getattr(model, "cfg", None), "norm", None)
     if equivariant:
@@ -298,6 +300,7 @@ def raw_windows(data: PreparedData, split: str = "test", n: int | None = PARITY_
     count = total if n is None else min(n, total)
     index = torch.linspace(0, total - 1, count).round().long().unique()
     x, _ = windows.batch(index)
+    # (mypy ignore on the next line) inverse returns the input's type: a Tensor in, a Tensor out
     return data.scaler.inverse(x)  # type: ignore[return-value]
 
 

@@ -82,10 +82,15 @@ def forecast_split(
     for index in windows.batches(batch_size):
         x, y = windows.batch(index)
         x_raw = data.scaler.inverse(x)
+        # (mypy ignore on the next line) forecast is one of two callables with different
+        # tensor/array signatures, chosen above
         preds.append(forecast(x_raw))  # type: ignore[arg-type]
         trues.append(data.scaler.inverse(y))
+        # (mypy ignore on the next line) x_raw is a Tensor on this path (numpy inputs were converted
+        # above)
         var = x_raw.double().var(dim=1, unbiased=False, keepdim=True)  # type: ignore[union-attr]
         scales.append(torch.sqrt(var + WINDOW_STD_EPS))  # [B, 1, C]
+    # (mypy ignore on the next line) the lists hold Tensors on this path (see above)
     return SplitForecast(split, torch.cat(preds), torch.cat(trues), torch.cat(scales))  # type: ignore[arg-type]
 
 
@@ -281,6 +286,8 @@ def build_manifest(
         name=name,
         version=0,  # unregistered: the store numbers it
         sha256=None,  # the store hashes the bytes it is given
+        # (mypy ignore on the next line) kind is validated against the registry's literal kinds by
+        # Manifest itself
         kind=kind,  # type: ignore[arg-type]
         architecture=architecture,
         config=config,
@@ -295,6 +302,8 @@ def build_manifest(
         dataset=dataset_info(data),
         frequency=frequency(data),
         metrics=metrics,
+        # (mypy ignore on the next line) calibration's dict matches the manifest's typed mapping;
+        # validated on load
         calibration=calibration,  # type: ignore[arg-type]
         teachers=[ModelRef.parse(t) if isinstance(t, str) else t for t in teachers],
         parity_max_abs_err=parity.max_abs_err,

@@ -257,6 +257,8 @@ def run_pretrain(cfg: PretrainRunConfig) -> PretrainResult:
         validate=lambda: pretext_val_loss(pretrainer, val, tcfg, tcfg.val_max_windows),
         best_weights=backbone.state_dict,
         best_file=ENCODER_FILE,
+        # (mypy ignore on the next line) after_step is a bound method of the pretrainer;
+        # nn.Module.__getattr__ types it Tensor | Module
         after_step=pretrainer.after_step,  # type: ignore[arg-type]
         after_epoch=write,
         resume=cfg.resume,
@@ -353,6 +355,8 @@ def finetune_settings(
 
 def load_backbone(model: nn.Module, ckpt: PretrainedEncoder) -> None:
     """Copy pretrained weights into ``model.backbone``; any key or shape mismatch is an error."""
+    # (mypy ignore on the next line) nn.Module.__getattr__ is typed Tensor | Module; backbone is a
+    # Module
     backbone: nn.Module = model.backbone  # type: ignore[assignment]
     own = backbone.state_dict()
     missing, extra = sorted(set(own) - set(ckpt.weights)), sorted(set(ckpt.weights) - set(own))
@@ -402,6 +406,8 @@ def run_finetune(cfg: FinetuneRunConfig) -> FitResult:
         out_dir,
     )
     desc = f"finetune {method}" + ("" if ckpt else " (scratch)")
+    # (mypy ignore on the next line) nn.Module.__getattr__ is typed Tensor | Module; backbone is a
+    # Module
     encoder: nn.Module | None = model.backbone if ckpt is not None else None  # type: ignore[assignment]
     return fit(
         model,

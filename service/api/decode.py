@@ -152,6 +152,8 @@ def _rows_struct(wire: type[msgspec.Struct], values: Any, name: str) -> type[msg
 # is the one that explains what is wrong.
 _ROWS_SERIES = _rows_struct(SeriesWire, list[list[float]], "RowsSeriesWire")
 _ROWS_FORECAST = msgspec.json.Decoder(
+    # (mypy ignore on the next line) a class built at import time by msgspec.defstruct is a valid
+    # type at run time
     _rows_struct(ForecastWire, list[_ROWS_SERIES], "RowsForecastWire")  # type: ignore[valid-type]
 )
 

@@ -169,6 +169,8 @@ class TimeAxis:
                 assert isinstance(self.last, datetime)
                 end: datetime | float | None = self.step.shift(self.last, h)
             else:
+                # (mypy ignore on the next line) last/step are float/float here (the calendar and
+                # datetime cases are handled above)
                 end = self.last + self.step * h  # type: ignore[operator]
         except (OverflowError, ValueError):  # ValueError: year 10000 in a calendar step
             end = None
@@ -201,6 +203,8 @@ def from_timestamps(stamps: Sequence[Stamp], n_points: int, field: str,
     if n_points < 2:
         raise InvalidInput("at least two timestamps are needed to infer the step", field=field)
     if all(isinstance(s, str) for s in stamps):
+        # (mypy ignore on the next line) every stamp is a str (checked by the all() above); mypy
+        # cannot narrow a Sequence's items
         parsed = [_parse_iso(s, f"{field}[{i}]") for i, s in enumerate(stamps)]  # type: ignore[arg-type]
         for i in range(1, len(parsed)):
             try:
@@ -209,6 +213,7 @@ def from_timestamps(stamps: Sequence[Stamp], n_points: int, field: str,
                 raise InvalidInput("timestamps mix time zones", field=f"{field}[{i}]") from None
             if not increasing:
                 raise InvalidInput("timestamps must increase", field=f"{field}[{i}]")
+        # (mypy ignore on the next line) stamps[-1] is a str (checked above)
         sep = "T" if "T" in stamps[-1] else " "  # type: ignore[operator]
         if freq is not None:
             step = parse_step(freq, freq_field)

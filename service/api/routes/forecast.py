@@ -56,6 +56,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 class RawRoute(APIRoute):
     """An APIRoute whose endpoint receives the Request and returns the Response itself."""
 
+    # (mypy ignore on the next line) the raw route's handler is the endpoint itself (Request ->
+    # Response), narrower than APIRoute's
     def get_route_handler(self) -> Callable[[Request], object]:  # type: ignore[override]
         return self.endpoint
 
