@@ -32,6 +32,7 @@ resumable), so a job never outlives the session that started it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -116,13 +117,20 @@ def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def save_record(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` (replacing one with the same key), atomically."""
-    records = [r for r in load_records(path) if record_key(r) != record_key(record)]
-    records.append(record)
-    records.sort(key=lambda r: tuple(str(v) for v in record_key(r)))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Append ``record`` (replacing one with the same key), atomically.
+
+    An exclusive lock on ``<path>.lock`` serialises the read-modify-write, so two invocations
+    (say pretraining on one core, fine-tuning on the other) never drop each other's records.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = [r for r in load_records(path) if record_key(r) != record_key(record)]
+        records.append(record)
+        records.sort(key=lambda r: tuple(str(v) for v in record_key(r)))
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(records, indent=1) + "\n")
+        os.replace(tmp, path)
 
 
 def has_record(path: Path, **key: Any) -> bool:
