@@ -200,6 +200,17 @@ def pretext_val_loss(
     return total / max(seen, 1)
 
 
+def _same_settings(old: Any, new: Any) -> bool:
+    """Equal, where a setting added since ``old`` was written counts as equal when it is None.
+
+    A checkpoint written before a data option existed (say ``id_column``) resumes under code
+    that has it, as long as the run leaves the option at its default.
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(_same_settings(old.get(k), new.get(k)) for k in old.keys() | new.keys())
+    return bool(old == new)
+
+
 def run_pretrain(cfg: PretrainRunConfig) -> PretrainResult:
     """Train the pretext task on train-split look-back windows; keep the best-validation encoder.
 
@@ -223,7 +234,7 @@ def run_pretrain(cfg: PretrainRunConfig) -> PretrainResult:
     if cfg.resume and (out_dir / LAST_FILE).exists() and meta_path.exists():
         old = json.loads(meta_path.read_text())
         for key in ("method", "lookback", "channels", "model_config", "data"):
-            if old.get(key) != json.loads(json.dumps(meta[key])):
+            if not _same_settings(old.get(key), json.loads(json.dumps(meta[key]))):
                 raise CheckpointError(
                     f"{out_dir}: cannot resume, its {key} is {old.get(key)!r} but this run has "
                     f"{meta[key]!r}; use another --out or drop --resume"

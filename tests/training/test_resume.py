@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from training.config import build_run_config
 from training.distill import build_distill_config, run_distill
 from training.pretrain import (
+    CheckpointError,
     FinetuneRunConfig,
     build_pretrain_config,
     run_finetune,
@@ -192,3 +193,34 @@ def test_distill_resumes_exactly(tmp_path: Path, csv: Path) -> None:
         return run_distill(cfg)
 
     interrupted_vs_straight(tmp_path, run, "best.safetensors")
+
+
+def test_pretrain_resumes_a_checkpoint_written_before_a_data_option_existed(
+    tmp_path: Path, csv: Path
+) -> None:
+    """A data option added to the code since (left at its None default) does not block a resume;
+    a setting that really differs still does, with the setting named."""
+
+    def cfg(out: Path, budget: dict[str, Any], resume: bool, lookback: int = L) -> Any:
+        return build_pretrain_config(
+            "simmtm",
+            data={"dataset": str(csv), "lookback": lookback},
+            pretrain=budget,
+            model_settings={**TINY, "n_layers": 1, "patch_len": 8, "stride": 8},
+            out_dir=str(out),
+            resume=resume,
+        )
+
+    out = tmp_path / "old"
+    run_pretrain(cfg(out, {**BUDGET, "stop_after_epochs": 1}, False))
+    meta_path = out / "pretrain.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["data"].pop("id_column") is None  # as written before long-format data existed
+    meta_path.write_text(json.dumps(meta))
+    run_pretrain(cfg(out, BUDGET, True))
+    assert json.loads(meta_path.read_text())["finished"]
+
+    other = tmp_path / "other"
+    run_pretrain(cfg(other, {**BUDGET, "stop_after_epochs": 1}, False))
+    with pytest.raises(CheckpointError, match="lookback"):
+        run_pretrain(cfg(other, BUDGET, True, lookback=L + 8))
