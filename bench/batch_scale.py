@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models_registry.store import FilesystemStore  # noqa: E402
+from models_registry.store import ONNX_FILE, FilesystemStore  # noqa: E402
 from service.batch import JobError  # noqa: E402
 from service.batch.target import Target, pin_model  # noqa: E402
 
@@ -99,7 +99,8 @@ def run_ray_cases(args: argparse.Namespace, src: Path, work: Path, series: int
     from service.batch.job import JobConfig, plan_job, run_job
 
     t0 = time.perf_counter()
-    ray.init(num_cpus=args.ray_cpus or max(os.cpu_count() or 1, 3), include_dashboard=False,
+    # Logical CPUs: 2 actors + 2 for read/shuffle/write tasks (see service.batch.job._start_ray).
+    ray.init(num_cpus=args.ray_cpus or max(os.cpu_count() or 1, 4), include_dashboard=False,
              log_to_driver=False)
     ray_init_s = time.perf_counter() - t0
     records: list[dict[str, Any]] = []
@@ -129,6 +130,69 @@ def run_ray_cases(args: argparse.Namespace, src: Path, work: Path, series: int
     finally:
         ray.shutdown()
     return records, outputs, ray_init_s
+
+
+# -- the floor and the job's stages, in this process -----------------------------------------------
+
+
+def run_raw_ort(args: argparse.Namespace, registry: Path, target: Target, values: np.ndarray
+                ) -> tuple[dict[str, Any], np.ndarray]:
+    """The floor: the model's ONNX file in one ONNX Runtime session (1 thread), fed the same
+    windows as float32 arrays in batches of --batch-size; nothing else."""
+    import onnxruntime as ort
+
+    m = target.manifest
+    onnx = registry / target.name / str(target.version) / ONNX_FILE
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx), opts, providers=["CPUExecutionProvider"])
+    x = values.astype(np.float32)[:, :, None]
+    session.run(None, {m.input_name: x[: args.batch_size]})  # warm-up
+    out = np.empty((len(x), m.horizon), np.float32)
+    t0 = time.perf_counter()
+    for a in range(0, len(x), args.batch_size):
+        out[a : a + args.batch_size] = session.run(
+            None, {m.input_name: x[a : a + args.batch_size]})[0][:, :, 0]
+    seconds = time.perf_counter() - t0
+    rec = record("raw_ort", len(x), seconds, threads=1, batch_size=args.batch_size)
+    print(json.dumps(rec), flush=True)
+    return rec, out
+
+
+def profile_stages(args: argparse.Namespace, src: Path, work: Path, series: int
+                   ) -> list[dict[str, Any]]:
+    """Each step of the job's pipeline run once over the whole input in this process (one
+    thread, no Ray): where a job's CPU time goes, before Ray adds scheduling, the shuffle and
+    serialisation."""
+    from service.batch.inputs import build_windows, parquet_row_groups, read_row_groups, tail_rows
+    from service.batch.job import JobConfig, plan_job, score_spec
+    from service.batch.scoring import Scorer
+
+    plan = plan_job(JobConfig(model=args.model, mode="fast", input=str(src),
+                              output=str(work / "profile-out"), registry=str(args.registry),
+                              progress=False))
+    spec, lookback = plan.input, plan.target.manifest.lookback
+    kw = {"id_col": spec.id_col, "time_col": spec.time_col, "value_cols": spec.value_cols}
+    scorer = Scorer(score_spec(plan))
+    rows: list[dict[str, Any]] = []
+
+    def step(name: str, fn: Any) -> Any:
+        t0 = time.perf_counter()
+        result = fn()
+        rows.append(record(f"stage_{name}", series, time.perf_counter() - t0))
+        print(json.dumps(rows[-1]), flush=True)
+        return result
+
+    table = step("read", lambda: read_row_groups(pa.Table.from_pylist(parquet_row_groups(spec)),
+                                                 spec=spec))
+    kept = step("tail_rows", lambda: tail_rows(table, lookback=lookback, **kw))
+    windows = step("build_windows", lambda: build_windows(
+        kept, time_type=spec.time_type, id_type=spec.id_type, lookback=lookback, **kw))
+    scored = step("score", lambda: [scorer.score(windows.slice(a, args.batch_size))[0]
+                                    for a in range(0, windows.num_rows, args.batch_size)])
+    step("write", lambda: pq.write_table(pa.concat_tables(scored), work / "profile.parquet"))
+    return rows
 
 
 # -- the endpoint ---------------------------------------------------------------------------------
@@ -238,7 +302,19 @@ def write_md(path: Path, records: list[dict[str, Any]], meta: dict[str, Any]) ->
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {r['case']} | {r['series']} | {r['seconds']:.2f} | {r['series_per_s']:.0f} |"
-              for r in records]
+              for r in records if "case" in r]
+    lines += ["", "| ratio | value | target |", "|---|---:|---:|"]
+    lines += [f"| {r['ratio']} | {r['value']:.3f} | {r['target']} |" for r in records
+              if "ratio" in r]
+    by_case = {r["case"]: r for r in records if "case" in r}
+    stages = sum(r["seconds"] for c, r in by_case.items() if c.startswith("stage_"))
+    if stages and "ray_1_actor" in by_case:
+        lines += ["", f"`stage_*`: each step of the job run once over all the series in one "
+                  f"process, one thread, no Ray: {stages:.2f} s in all, against "
+                  f"{by_case['ray_1_actor']['seconds']:.2f} s for the job on Ray with one "
+                  "actor. The difference is Ray's: the co-location shuffle (an all-to-all: "
+                  "no window is scored before every row is read and repartitioned), "
+                  "scheduling and serialisation between the steps' processes."]
     lines += ["", f"`python bench/batch_scale.py --registry {meta['registry']} --model "
               f"{meta['model_arg']} --series {meta['series']}`", ""]
     path.write_text("\n".join(lines))
@@ -252,7 +328,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4096, help="series per actor call")
     p.add_argument("--chunk", type=int, default=10_000, help="series per endpoint request")
     p.add_argument("--clients", type=int, default=2, help="concurrent endpoint clients")
-    p.add_argument("--ray-cpus", type=int, help="logical CPUs of the local Ray (default: >= 3)")
+    p.add_argument("--ray-cpus", type=int, help="logical CPUs of the local Ray (default: >= 4)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
 
@@ -270,14 +346,25 @@ def main() -> None:
         src = work / "series.parquet"
         ids = write_input(src, values, stamps)
         endpoint, expected = run_endpoint(args, ids, values, stamps, m.horizon)
+        raw, raw_forecasts = run_raw_ort(args, args.registry, target, values)
+        stages = profile_stages(args, src, work, args.series)
         records, outputs, ray_init_s = run_ray_cases(args, src, work, args.series)
         identical = all(
             np.array_equal(job_forecasts(out, args.series, m.horizon), expected)
             for out in outputs.values()
         )
+        # The service adds intervals and checks around the same session call: equal values.
+        raw_matches = bool(np.allclose(raw_forecasts, expected, rtol=0, atol=1e-5))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    records.append(endpoint)
+    records += [endpoint, raw, *stages]
+    rate = {r["case"]: r["series_per_s"] for r in records}
+    records += [
+        {"ratio": "ray_1_actor/raw_ort",
+         "value": round(rate["ray_1_actor"] / rate["raw_ort"], 3), "target": 0.5},
+        {"ratio": "ray_2_actors/ray_1_actor",
+         "value": round(rate["ray_2_actors"] / rate["ray_1_actor"], 3), "target": 1.7},
+    ]
     meta = {
         "model": target.label,
         "model_arg": args.model,
@@ -287,9 +374,11 @@ def main() -> None:
         "horizon": m.horizon,
         "series": args.series,
         "batch_size": args.batch_size,
-        "ray_cpus": args.ray_cpus or max(os.cpu_count() or 1, 3),
+        "ray_cpus": args.ray_cpus or max(os.cpu_count() or 1, 4),
         "ray_init_s": round(ray_init_s, 2),
         "identical": identical,
+        "raw_ort_matches_endpoint": raw_matches,
+        "cpus_per_actor": 1.0,
         "load_average": round(load, 2) if load is not None else None,
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}",
         "date": datetime.now().isoformat(timespec="seconds"),

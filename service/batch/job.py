@@ -37,6 +37,8 @@ from service.batch.inputs import (
     csv_column_types,
     inspect_input,
     melt_wide,
+    parquet_row_groups,
+    read_row_groups,
     tail_rows,
 )
 from service.batch.scoring import Scorer, ScoreSpec, Tally, failure_schema
@@ -71,7 +73,7 @@ class JobConfig:
     levels: tuple[float, ...] = ()
     address: str | None = None
     num_cpus: int | None = None
-    """Local Ray only; default: the machine's cores, at least the actors' CPUs + 1."""
+    """Local Ray only; default: the machine's cores, at least the actors' CPUs + 2."""
     object_store_mb: int | None = None
     actors: int = 1
     batch_size: int = 4096
@@ -193,7 +195,10 @@ def _start_ray(config: JobConfig) -> bool:
         ray.init(address=config.address, runtime_env={"py_modules": _code_paths()},
                  log_to_driver=True)
         return True
-    wanted = math.ceil(config.actors * config.cpus_per_actor) + 1
+    # Two logical CPUs beside the actors: with one, a write task waiting on backpressure can
+    # hold it while the shuffle's reduce waits for a CPU, and the job never ends (seen with 2
+    # actors on 3 CPUs). Logical CPUs only schedule: the read/shuffle/write tasks are short.
+    wanted = math.ceil(config.actors * config.cpus_per_actor) + 2
     num_cpus = config.num_cpus or max(os.cpu_count() or 1, wanted)
     object_store = config.object_store_mb * 1024 * 1024 if config.object_store_mb else None
     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store)
@@ -203,6 +208,11 @@ def _start_ray(config: JobConfig) -> bool:
 def _read(spec: InputSpec) -> Dataset:
     import ray.data
 
+    pieces = parquet_row_groups(spec) if spec.file_format == "parquet" else []
+    if pieces and "://" not in spec.path:
+        read = partial(read_row_groups, spec=spec)
+        return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+            read, batch_size=1, batch_format="pyarrow")
     if spec.file_format == "parquet":
         return ray.data.read_parquet(spec.path).select_columns(spec.read_columns)
     options = pacsv.ConvertOptions(column_types=csv_column_types(spec),
