@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU check of the serving core (issue 19): CUDA vs CPU parity, placement, latency and batcher
+# throughput of bundled models -> bench/results/gpu.json (bench/gpu_check.py says what is measured).
+#   bash bench/gpu_check.sh            (from the repo root; GPU_VENV, PYTHON override the defaults)
+# Without a GPU it stops with exit code 2 before creating a venv or downloading anything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ORT_GPU=1.31.1  # the release of the CPU build pinned in pyproject.toml
+need_gpu() {
+    echo "gpu_check: an NVIDIA GPU is needed ($1); no venv created, nothing downloaded," \
+        "bench/results/gpu.json not written" >&2
+    exit 2
+}
+command -v nvidia-smi >/dev/null 2>&1 || need_gpu "nvidia-smi not found"
+nvidia-smi -L 2>/dev/null | grep -q '^GPU ' || need_gpu "nvidia-smi lists no GPU"
+venv=${GPU_VENV:-/tmp/distilcast-gpu-venv}
+[ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
+echo "gpu_check: installing onnxruntime-gpu==$ORT_GPU into $venv" >&2
+# onnxruntime-gpu's cuda/cudnn extras bring the CUDA 13 and cuDNN runtime wheels (loaded by
+# onnxruntime.preload_dlls()); bench/gpu_constraints.txt pins them, requirements.lock the rest.
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -c requirements.lock \
+    -c bench/gpu_constraints.txt "onnxruntime-gpu[cuda,cudnn]==$ORT_GPU" numpy pydantic
+PYTHONPATH=. exec "$venv/bin/python" bench/gpu_check.py "$@"
