@@ -17,7 +17,7 @@ venv=${GPU_VENV:-/tmp/distilcast-gpu-venv}
 [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
 echo "gpu_check: installing onnxruntime-gpu==$ORT_GPU into $venv" >&2
 # onnxruntime-gpu's cuda/cudnn extras bring the CUDA 13 and cuDNN runtime wheels (loaded by
-# onnxruntime.preload_dlls()); bench/gpu_constraints.txt pins them, requirements.lock the rest.
+# onnxruntime.preload_dlls()); docker/gpu-constraints.txt pins them, requirements.lock the rest.
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -c requirements.lock \
-    -c bench/gpu_constraints.txt "onnxruntime-gpu[cuda,cudnn]==$ORT_GPU" numpy pydantic
+    -c docker/gpu-constraints.txt "onnxruntime-gpu[cuda,cudnn]==$ORT_GPU" numpy pydantic
 PYTHONPATH=. exec "$venv/bin/python" bench/gpu_check.py "$@"

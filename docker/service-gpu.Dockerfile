@@ -1,19 +1,22 @@
-# GPU serving image: CUDA runtime + onnxruntime-gpu, so the teacher ensemble (accurate path) runs
-# on the CUDA execution provider. Without a visible GPU the service falls back to CPU by itself.
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS runtime
+# GPU serving image: onnxruntime-gpu, so the teacher ensemble (accurate path) runs on the CUDA
+# execution provider. Without a visible GPU the service falls back to CPU by itself.
+# onnxruntime-gpu 1.31.1 is built for CUDA 13: its cuda/cudnn extras install the CUDA 13 and cuDNN
+# runtime wheels (pinned in docker/gpu-constraints.txt) and ONNX Runtime loads them from there, so
+# the base image only needs the NVIDIA container setup; the host needs a driver >= 580.
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04 AS runtime
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml requirements.lock README.md ./
+COPY pyproject.toml requirements.lock README.md docker/gpu-constraints.txt ./
 COPY models_registry ./models_registry
 COPY service ./service
 COPY training ./training
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install -c requirements.lock . \
     && /opt/venv/bin/pip uninstall -y onnxruntime \
-    && /opt/venv/bin/pip install onnxruntime-gpu==1.31.1
+    && /opt/venv/bin/pip install -c gpu-constraints.txt "onnxruntime-gpu[cuda,cudnn]==1.31.1"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     DISTILCAST_REGISTRY_ROOT=/var/lib/distilcast/registry \

@@ -21,6 +21,26 @@ class EngineOptions:
     inter_threads: int = 1
 
 
+_preloaded: list[bool] = []
+
+
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu's pip extras installed (the GPU
+    image's way of shipping CUDA 13), once per process. Without them the CUDA session fails and
+    the engine falls back to CPU, as it does for any CUDA failure."""
+    if _preloaded:
+        return
+    _preloaded.append(True)
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception:  # noqa: BLE001 - a missing library shows up as the CPU fallback below
+        log.warning("onnxruntime.preload_dlls() failed; CUDA sessions may fall back to CPU",
+                    exc_info=True)
+
+
 def choose_providers(preferred: Sequence[str], available: Sequence[str]) -> list[str]:
     """The preferred providers this build has, in order, always ending with the CPU provider."""
     chosen = [p for p in preferred if p in available and p != CPU]
@@ -47,6 +67,8 @@ class OrtEngine:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         wanted = choose_providers(options.providers, ort.get_available_providers())
+        if wanted[0] == "CUDAExecutionProvider":
+            _preload_cuda_libraries()
         try:
             session = ort.InferenceSession(onnx_bytes, sess_options=so, providers=wanted)
         except Exception:

@@ -61,7 +61,16 @@ def test_cpu_service_image_is_multi_stage_without_torch() -> None:
 def test_gpu_image_uses_cuda_runtime_and_onnxruntime_gpu() -> None:
     ins = instructions(DOCKER / "service-gpu.Dockerfile")
     assert "nvidia/cuda" in [arg for w, arg in ins if w == "FROM"][0]
-    assert "onnxruntime-gpu==" in " ".join(arg for w, arg in ins if w == "RUN")
+    runs = " ".join(arg for w, arg in ins if w == "RUN")
+    # The GPU build of the same ONNX Runtime release as the CPU pin, with the CUDA/cuDNN runtime
+    # wheels its extras bring, pinned by the constraints file the image copies.
+    cpu_pin = re.search(r'"onnxruntime==([^"]+)"', (REPO / "pyproject.toml").read_text())
+    assert cpu_pin is not None
+    assert f'"onnxruntime-gpu[cuda,cudnn]=={cpu_pin.group(1)}"' in runs
+    assert "-c gpu-constraints.txt" in runs
+    assert any(w == "COPY" and "docker/gpu-constraints.txt" in a for w, a in ins)
+    pins = (DOCKER / "gpu-constraints.txt").read_text()
+    assert f"onnxruntime-gpu=={cpu_pin.group(1)}" in pins
 
 
 def test_training_image_installs_torch_and_builds_the_default_model() -> None:
