@@ -119,17 +119,87 @@ def parquet_row_groups(spec: InputSpec) -> list[dict[str, object]]:
             for g in range(papq.ParquetFile(f).num_row_groups)]
 
 
+def colocated_row_groups(pieces: list[dict[str, object]], spec: InputSpec
+                         ) -> list[dict[str, object]] | None:
+    """The pieces as reads that each hold whole series, when the Parquet statistics prove it;
+    else None (the job then co-locates rows with a shuffle).
+
+    Proof: every row group of a long input has its id min/max and no null id, and ordered by
+    (min, max) the ranges only touch (each max <= the next min), as in a file written sorted by
+    id. An id strictly inside a range is then in that row group only; an id at a shared end is
+    in a run of neighbours, and belongs to the first of them: a read skips rows of its first id
+    when the previous range ends on it (`skip`), and takes the rows of its last id from the
+    following row groups while they start on it (`follow`). No shuffle: reading, windows and
+    scoring stream."""
+    import pyarrow.parquet as papq
+
+    if spec.layout != "long" or not pieces:
+        return None
+    ranges: list[tuple[object, object, str, int]] = []
+    for piece in pieces:
+        path, group = str(piece["path"]), int(str(piece["row_group"]))
+        meta = papq.ParquetFile(path).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        if spec.id_col not in names:
+            return None
+        stats = meta.row_group(group).column(names.index(spec.id_col)).statistics
+        if meta.row_group(group).num_rows == 0:
+            continue
+        if stats is None or not stats.has_min_max or stats.null_count != 0:
+            return None
+        ranges.append((stats.min, stats.max, path, group))
+    try:
+        ranges.sort(key=lambda r: (r[0], r[1]))
+        # (mypy ignore on the next line) statistics are typed object: str, bytes or int here
+        if any(a[1] > b[0] for a, b in zip(ranges, ranges[1:], strict=False)):  # type: ignore[operator]
+            return None
+    except TypeError:  # ids of mixed types across files
+        return None
+    reads: list[dict[str, object]] = []
+    for k, (lo, hi, path, group) in enumerate(ranges):
+        skip = k > 0 and ranges[k - 1][1] == lo
+        follow = []
+        # (A row group of one id that an earlier read owns follows nothing: that read does.)
+        for lo2, hi2, path2, group2 in ranges[k + 1 :] if not (skip and lo == hi) else []:
+            if lo2 != hi:
+                break
+            follow.append({"path": path2, "row_group": group2})
+            if hi2 != hi:
+                break
+        reads.append({"path": path, "row_group": group, "skip": skip, "follow": follow})
+    return reads
+
+
 def read_row_groups(pieces: pa.Table, *, spec: InputSpec) -> pa.Table:
     """`map_batches` function: the rows of the listed (file, row group) pieces, the job's
     columns only, a text id column as a dictionary column."""
     import pyarrow.parquet as papq
 
     text_id = spec.layout == "long" and not pa.types.is_integer(spec.id_type)
-    tables = []
-    for path, group in zip(pieces["path"].to_pylist(), pieces["row_group"].to_pylist(),
-                           strict=True):
+
+    def read(path: str, group: int) -> pa.Table:
         f = papq.ParquetFile(path, read_dictionary=[spec.id_col] if text_id else None)
-        tables.append(f.read_row_group(group, columns=spec.read_columns))
+        return f.read_row_group(group, columns=spec.read_columns)
+
+    def rows_of(table: pa.Table, uid: object, keep: bool) -> pa.Table:
+        ids = table[spec.id_col]
+        if pa.types.is_dictionary(ids.type):
+            ids = ids.cast(ids.type.value_type)
+        same = pc.equal(ids, pa.scalar(uid, ids.type))
+        return table.filter(same if keep else pc.invert(same))
+
+    tables = []
+    for piece in pieces.to_pylist():
+        table = read(piece["path"], piece["row_group"])
+        if piece.get("skip") or piece.get("follow"):
+            ids = table[spec.id_col]
+            plain = ids.cast(ids.type.value_type) if pa.types.is_dictionary(ids.type) else ids
+            first, last = pc.min(plain).as_py(), pc.max(plain).as_py()
+            if piece.get("skip"):
+                table = rows_of(table, first, keep=False)
+            tables += [rows_of(read(f["path"], f["row_group"]), last, keep=True)
+                       for f in piece.get("follow") or []]
+        tables.append(table)
     return pa.concat_tables(tables, promote_options="permissive")
 
 

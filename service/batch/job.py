@@ -1,7 +1,9 @@
 """The batch job: plan (no Ray: input, model and output checked up front), then run on Ray Data.
 
     read (Parquet/CSV, distributed) -> [wide: melt to long] -> drop rows no window needs
-    -> co-locate each series' rows (shuffle) -> windows (vectorised per block)
+    -> co-locate each series' rows (shuffle; skipped when the Parquet row groups' id statistics
+       prove each read holds whole series, as for a file written sorted by id)
+    -> windows (vectorised per block)
     -> map_batches over an actor pool (Scorer)
     -> write_parquet (one file per block); failures -> the errors file (driver)
 
@@ -34,6 +36,7 @@ from service.batch.inputs import (
     InputSpec,
     Layout,
     build_windows,
+    colocated_row_groups,
     csv_column_types,
     inspect_input,
     melt_wide,
@@ -205,19 +208,24 @@ def _start_ray(config: JobConfig) -> bool:
     return True
 
 
-def _read(spec: InputSpec) -> Dataset:
+def _read(spec: InputSpec) -> tuple[Dataset, bool]:
+    """The input as a dataset, and whether its blocks already hold whole series (see
+    `colocated_row_groups`: no shuffle needed)."""
     import ray.data
 
     pieces = parquet_row_groups(spec) if spec.file_format == "parquet" else []
-    if pieces and "://" not in spec.path:
+    if pieces:
+        reads = colocated_row_groups(pieces, spec)
         read = partial(read_row_groups, spec=spec)
-        return ray.data.from_items(pieces, override_num_blocks=len(pieces)).map_batches(
+        items = reads if reads is not None else pieces
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read, batch_size=1, batch_format="pyarrow")
+        return ds, reads is not None
     if spec.file_format == "parquet":
-        return ray.data.read_parquet(spec.path).select_columns(spec.read_columns)
+        return ray.data.read_parquet(spec.path).select_columns(spec.read_columns), False
     options = pacsv.ConvertOptions(column_types=csv_column_types(spec),
                                    include_columns=spec.read_columns)
-    return ray.data.read_csv(spec.path, convert_options=options)
+    return ray.data.read_csv(spec.path, convert_options=options), False
 
 
 def _colocate(ds: Dataset, key: str, partitions: int) -> Dataset:
@@ -266,7 +274,7 @@ def build_dataset(plan: JobPlan, tally: Any = None) -> Dataset:
 
     config, spec = plan.config, plan.input
     gpus = _gpus_per_actor(config, plan.target)
-    ds = _read(spec)
+    ds, colocated = _read(spec)
     if spec.layout == "wide":
         melt = partial(melt_wide, time_col=spec.time_col, value_cols=spec.value_cols)
         ds = ds.map_batches(melt, batch_size=None, batch_format="pyarrow")
@@ -277,7 +285,10 @@ def build_dataset(plan: JobPlan, tally: Any = None) -> Dataset:
     trim = partial(tail_rows, id_col=id_col, time_col=spec.time_col, value_cols=value_cols,
                    lookback=lookback)
     ds = ds.map_batches(trim, batch_size=None, batch_format="pyarrow")
-    ds = _colocate(ds, id_col, plan.partitions)
+    if colocated:
+        log.info("%s: row groups hold whole series (sorted by %s): no shuffle", spec.path, id_col)
+    else:
+        ds = _colocate(ds, id_col, plan.partitions)
     windows_of = partial(build_windows, id_col=id_col, time_col=spec.time_col,
                          value_cols=value_cols, time_type=spec.time_type, id_type=spec.id_type,
                          lookback=lookback)

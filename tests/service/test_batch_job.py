@@ -23,7 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from models_registry.store import FilesystemStore
-from service.batch.inputs import build_windows, tail_rows
+from service.batch.inputs import (
+    build_windows,
+    colocated_row_groups,
+    inspect_input,
+    parquet_row_groups,
+    read_row_groups,
+    tail_rows,
+)
 from service.batch.scoring import Scorer, ScoreSpec
 from service.batch_job import main
 from service.core.engine import EngineOptions
@@ -123,10 +130,13 @@ def _stamps(values: list[Any]) -> list[datetime]:
 # -- long layout, fast, intervals -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("order", ["shuffled", "sorted_by_id"])
 def test_long_parquet_matches_the_batch_endpoint(
     local_ray: None, registry: Path, server: Served, etth1: pa.Table, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], order: str,
 ) -> None:
+    """Rows in any order go through the shuffle; a file sorted by id (rows of a series in any
+    time order, row groups cutting series) is read without one. Same forecasts either way."""
     rng = np.random.default_rng(0)
     series: dict[str, tuple[list[datetime], np.ndarray]] = {}
     for k in range(120):  # windows of every length from the lookback to lookback + 9
@@ -147,8 +157,13 @@ def test_long_parquet_matches_the_batch_endpoint(
         "ds": pa.array([t for s, _ in series.values() for t in s], pa.timestamp("us")),
         **{c: rows[:, j] for j, c in enumerate(CHANNELS)},
     }).take(rng.permutation(len(ids)))  # the job must not rely on the input order
+    if order == "sorted_by_id":
+        table = table.take(pc.sort_indices(table, [("unique_id", "ascending")]))  # stable
     src = tmp_path / "series.parquet"
     pq.write_table(table, src, row_group_size=700)
+    spec = inspect_input(str(src))
+    reads = colocated_row_groups(parquet_row_groups(spec), spec)
+    assert (reads is not None) == (order == "sorted_by_id")
     out, errors = tmp_path / "forecasts", tmp_path / "errors.parquet"
 
     code = main(["--model", NAME, "--mode", "fast", "--input", str(src), "--output", str(out),
@@ -396,3 +411,45 @@ def test_windows_of_rows_in_any_order_equal_those_of_sorted_rows(id_kind: str) -
             assert np.array_equal(a, b, equal_nan=True)
         plain = [str(u) for u in got["unique_id"]] if id_kind != "int" else got["unique_id"]
         assert plain == sorted(plain)
+
+
+def test_reads_of_a_file_sorted_by_id_hold_whole_series(tmp_path: Path) -> None:
+    """Row groups of 3 rows cut series of 1-8 rows anywhere (some span 3 row groups, some row
+    groups hold one series' middle only), over two files: each read holds whole series, each
+    series in exactly one read, and the windows equal those of the whole table. Unsorted or
+    null ids fall back to the shuffle."""
+    rng = np.random.default_rng(5)
+    kw: dict[str, Any] = {"id_col": "unique_id", "time_col": "ds", "value_cols": ("a",),
+                          "time_type": pa.int64(), "id_type": pa.string(), "lookback": 4}
+    lengths = rng.integers(1, 9, 40)
+    ids = np.repeat([f"u{i:03d}" for i in range(len(lengths))], lengths)
+    table = pa.table({"unique_id": ids,
+                      "ds": pa.array(np.concatenate([rng.permutation(k) for k in lengths])),
+                      "a": rng.normal(size=len(ids))})
+    folder = tmp_path / "in"
+    folder.mkdir()
+    half = int(np.searchsorted(ids, "u020")) + 2  # the second file starts inside a series
+    pq.write_table(table.slice(half), folder / "b.parquet", row_group_size=3)
+    pq.write_table(table.slice(0, half), folder / "a.parquet", row_group_size=3)
+    spec = inspect_input(str(folder))
+    reads = colocated_row_groups(parquet_row_groups(spec), spec)
+    assert reads is not None and any(r["follow"] for r in reads) and any(r["skip"] for r in reads)
+    blocks = [read_row_groups(pa.Table.from_pylist([r]), spec=spec) for r in reads]
+    seen = [set(b["unique_id"].cast(pa.string()).to_pylist()) for b in blocks]
+    assert sum(len(s) for s in seen) == len(set().union(*seen)) == len(lengths)
+    assert sum(b.num_rows for b in blocks) == table.num_rows
+    got = pa.concat_tables([build_windows(b, **kw) for b in blocks if b.num_rows])
+    got = got.sort_by([("unique_id", "ascending")]).to_pydict()
+    want = build_windows(table, **kw).to_pydict()
+    for key in ("unique_id", "last", "step", "reason"):
+        assert got[key] == want[key], key
+    assert got["values"] == want["values"]
+
+    shuffled = tmp_path / "shuffled.parquet"
+    pq.write_table(table.take(rng.permutation(table.num_rows)), shuffled, row_group_size=3)
+    with_null = tmp_path / "null.parquet"
+    pq.write_table(table.set_column(0, "unique_id", pa.array([None, *ids[1:]])), with_null,
+                   row_group_size=3)
+    for path in (shuffled, with_null):
+        spec = inspect_input(str(path))
+        assert colocated_row_groups(parquet_row_groups(spec), spec) is None
