@@ -350,6 +350,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
 
+    load_model(args.registry, args.model)  # a clear exit when the model is not there
+    work = Path(tempfile.mkdtemp(prefix="batch-scale-"))
+    # A copy: opening a registry writes its lock and store id, and the bundled export must stay
+    # exactly as its SHA256SUMS lists it.
+    source_registry = args.registry
+    args.registry = work / "registry"
+    shutil.copytree(source_registry, args.registry)
     target = load_model(args.registry, args.model)
     m = target.manifest
     args.lookback = m.lookback
@@ -358,7 +365,6 @@ def main() -> None:
         sys.exit("this registry holds a test fixture model: pass --out elsewhere "
                  "(fixture numbers are not results)")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    work = Path(tempfile.mkdtemp(prefix="batch-scale-"))
     try:
         values, stamps = make_series(args.series, m.lookback)
         src = work / "series.parquet"
@@ -386,7 +392,7 @@ def main() -> None:
     meta = {
         "model": target.label,
         "model_arg": args.model,
-        "registry": str(args.registry),
+        "registry": str(source_registry),
         "fixture_model": fixture,
         "lookback": m.lookback,
         "horizon": m.horizon,

@@ -208,23 +208,7 @@ def _start_ray(config: JobConfig) -> bool:
     return True
 
 
-PREP_CPUS = 0.5
-"""Logical CPUs each reading/window task asks for. Not the actors' request on purpose: Ray fuses
-a task step into the actor step after it when their requests are equal, and the actors would then
-read, trim and build windows too, on their own cores, leaving the others idle."""
-
-
-def _prep_args(config: JobConfig) -> dict[str, Any]:
-    """map_batches arguments of the steps before scoring: their CPU request and, on a local Ray,
-    as many concurrent tasks as the cores the actors leave (at least 1), so that they run beside
-    the actors rather than crowd them."""
-    if config.address:
-        return {"num_cpus": PREP_CPUS}
-    spare = (os.cpu_count() or 1) - math.ceil(config.actors * config.cpus_per_actor)
-    return {"num_cpus": PREP_CPUS, "concurrency": max(1, spare)}
-
-
-def _read(spec: InputSpec, prep: dict[str, Any]) -> tuple[Dataset, bool]:
+def _read(spec: InputSpec) -> tuple[Dataset, bool]:
     """The input as a dataset, and whether its blocks already hold whole series (see
     `colocated_row_groups`: no shuffle needed)."""
     import ray.data
@@ -235,7 +219,7 @@ def _read(spec: InputSpec, prep: dict[str, Any]) -> tuple[Dataset, bool]:
         read = partial(read_row_groups, spec=spec)
         items = reads if reads is not None else pieces
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            read, batch_size=1, batch_format="pyarrow", **prep)
+            read, batch_size=1, batch_format="pyarrow")
         return ds, reads is not None
     if spec.file_format == "parquet":
         return ray.data.read_parquet(spec.path).select_columns(spec.read_columns), False
@@ -290,18 +274,17 @@ def build_dataset(plan: JobPlan, tally: Any = None) -> Dataset:
 
     config, spec = plan.config, plan.input
     gpus = _gpus_per_actor(config, plan.target)
-    prep = _prep_args(config)
-    ds, colocated = _read(spec, prep)
+    ds, colocated = _read(spec)
     if spec.layout == "wide":
         melt = partial(melt_wide, time_col=spec.time_col, value_cols=spec.value_cols)
-        ds = ds.map_batches(melt, batch_size=None, batch_format="pyarrow", **prep)
+        ds = ds.map_batches(melt, batch_size=None, batch_format="pyarrow")
         id_col, value_cols = ID, spec.channels
     else:
         id_col, value_cols = spec.id_col, spec.value_cols
     lookback = plan.target.manifest.lookback
     trim = partial(tail_rows, id_col=id_col, time_col=spec.time_col, value_cols=value_cols,
                    lookback=lookback)
-    ds = ds.map_batches(trim, batch_size=None, batch_format="pyarrow", **prep)
+    ds = ds.map_batches(trim, batch_size=None, batch_format="pyarrow")
     if colocated:
         log.info("%s: row groups hold whole series (sorted by %s): no shuffle", spec.path, id_col)
     else:
@@ -310,7 +293,7 @@ def build_dataset(plan: JobPlan, tally: Any = None) -> Dataset:
                          value_cols=value_cols, time_type=spec.time_type, id_type=spec.id_type,
                          lookback=lookback)
     # Whole blocks (batch_size=None): a series is never split between two calls.
-    windows = ds.map_batches(windows_of, batch_size=None, batch_format="pyarrow", **prep)
+    windows = ds.map_batches(windows_of, batch_size=None, batch_format="pyarrow")
     return windows.map_batches(
         Scorer,
         batch_size=config.batch_size,
