@@ -265,6 +265,7 @@ def score_spec(plan: JobPlan, gpus: float = 0.0) -> ScoreSpec:
         id_type=spec.id_type,
         time_type=spec.time_type,
         engine=EngineOptions(providers=providers, intra_threads=threads, inter_threads=1),
+        batch_size=config.batch_size,
     )
 
 
@@ -296,7 +297,10 @@ def build_dataset(plan: JobPlan, tally: Any = None) -> Dataset:
     windows = ds.map_batches(windows_of, batch_size=None, batch_format="pyarrow")
     return windows.map_batches(
         Scorer,
-        batch_size=config.batch_size,
+        # Whole blocks here too, cut into --batch-size calls by the Scorer: Ray fuses the steps
+        # above into this one, and a row batch size would then be counted in the first step's
+        # rows (one per Parquet piece), handing every piece to a single actor task.
+        batch_size=None,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus_per_actor,

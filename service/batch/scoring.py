@@ -44,6 +44,8 @@ class ScoreSpec:
     id_type: pa.DataType
     time_type: pa.DataType
     engine: EngineOptions
+    batch_size: int = 4096
+    """Windows per inference call (a block is scored in slices of this many)."""
 
     @property
     def labels(self) -> list[str]:
@@ -106,7 +108,12 @@ class Scorer:
         log.info("scoring with %s on %s", self.model, self.provider)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out, failures = self.score(batch)
+        size = max(1, self.spec.batch_size)
+        parts = [self.score(batch.slice(a, size)) for a in range(0, batch.num_rows, size)]
+        if not parts:
+            return self.spec.output_schema().empty_table()
+        out = pa.concat_tables([o for o, _ in parts])
+        failures = pa.concat_tables([f for _, f in parts])
         if self.tally is not None:
             import ray
 
