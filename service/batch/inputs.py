@@ -166,7 +166,8 @@ def colocated_row_groups(pieces: list[dict[str, object]], spec: InputSpec
             follow.append({"path": path2, "row_group": group2})
             if hi2 != hi:
                 break
-        reads.append({"path": path, "row_group": group, "skip": skip, "follow": follow})
+        reads.append({"path": path, "row_group": group, "skip": skip, "follow": follow,
+                      "min": lo, "max": hi})
     return reads
 
 
@@ -191,10 +192,18 @@ def read_row_groups(pieces: pa.Table, *, spec: InputSpec) -> pa.Table:
     tables = []
     for piece in pieces.to_pylist():
         table = read(piece["path"], piece["row_group"])
-        if piece.get("skip") or piece.get("follow"):
-            ids = table[spec.id_col]
-            plain = ids.cast(ids.type.value_type) if pa.types.is_dictionary(ids.type) else ids
-            first, last = pc.min(plain).as_py(), pc.max(plain).as_py()
+        if "min" in piece:  # a read planned from the statistics: check they were exact
+            distinct = pc.unique(table[spec.id_col])
+            if pa.types.is_dictionary(distinct.type):
+                distinct = distinct.cast(distinct.type.value_type)
+            first, last = pc.min(distinct).as_py(), pc.max(distinct).as_py()
+            if (first, last) != (piece["min"], piece["max"]):
+                raise JobError(
+                    f"{piece['path']} row group {piece['row_group']}: its {spec.id_col} "
+                    f"statistics say {piece['min']!r}..{piece['max']!r} but it holds "
+                    f"{first!r}..{last!r}; the file's statistics are not exact (a truncating "
+                    "writer?): rewrite it with pyarrow, or unsorted, to have it shuffled"
+                )
             if piece.get("skip"):
                 table = rows_of(table, first, keep=False)
             tables += [rows_of(read(f["path"], f["row_group"]), last, keep=True)

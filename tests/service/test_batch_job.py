@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from models_registry.store import FilesystemStore
+from service.batch import JobError
 from service.batch.inputs import (
     build_windows,
     colocated_row_groups,
@@ -444,6 +445,11 @@ def test_reads_of_a_file_sorted_by_id_hold_whole_series(tmp_path: Path) -> None:
     for key in ("unique_id", "last", "step", "reason"):
         assert got[key] == want[key], key
     assert got["values"] == want["values"]
+
+    # Statistics that do not match the ids (a truncating writer) stop the read, naming it.
+    wrong = {**reads[3], "max": "u~"}
+    with pytest.raises(JobError, match="statistics say"):
+        read_row_groups(pa.Table.from_pylist([wrong]), spec=spec)
 
     shuffled = tmp_path / "shuffled.parquet"
     pq.write_table(table.take(rng.permutation(table.num_rows)), shuffled, row_group_size=3)
