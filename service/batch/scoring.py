@@ -110,10 +110,10 @@ class Scorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         size = max(1, self.spec.batch_size)
         parts = [self.score(batch.slice(a, size)) for a in range(0, batch.num_rows, size)]
-        if not parts:
-            return self.spec.output_schema().empty_table()
-        out = pa.concat_tables([o for o, _ in parts])
-        failures = pa.concat_tables([f for _, f in parts])
+        out = pa.concat_tables([o for o, _ in parts]) if parts else (
+            self.spec.output_schema().empty_table())
+        failures = pa.concat_tables([f for _, f in parts]) if parts else (
+            failure_schema(self.spec.id_type).empty_table())
         if self.tally is not None:
             import ray
 
