@@ -115,14 +115,7 @@ def build(bundle: Path, name: str, provider: str, threads: int) -> ServedModel:
     pool = PoolOptions(engine=options)
 
     def factory(served: ServedModel) -> DynamicBatcher:
-        return DynamicBatcher(
-            served.run,
-            max_batch=pool.batch_max_size,
-            max_delay_s=pool.batch_max_delay_s,
-            max_queue=pool.batch_max_queue,
-            inline_max_s=pool.inline_max_s,
-            executor=None,
-        )
+        return pool.batcher(served.run, executor=None)
 
     return ServedModel(manifest, engines, factory)
 
@@ -172,12 +165,8 @@ async def batcher_throughput(
     waiting = 0
     errors: list[str] = []
     executor = ThreadPoolExecutor(1, thread_name_prefix="gpu-check-batcher")
-    batcher = DynamicBatcher(
+    batcher = pool.batcher(
         served.run,
-        max_batch=pool.batch_max_size,
-        max_delay_s=pool.batch_max_delay_s,
-        max_queue=pool.batch_max_queue,
-        inline_max_s=pool.inline_max_s,
         executor=executor,
         on_batch=lambda rows, _s, _w: calls.append(rows),
         load_hint=lambda: waiting,

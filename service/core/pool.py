@@ -22,7 +22,7 @@ from models_registry.errors import IntegrityError, RegistryError
 from models_registry.errors import ModelNotFound as RegistryModelNotFound
 from models_registry.manifest import DEFAULT_ALIAS, AliasEvent, Manifest, ModelRef
 from models_registry.registry import Registry
-from service.core.batcher import DynamicBatcher
+from service.core.batcher import BatchHook, DynamicBatcher, RunFn
 from service.core.engine import EngineOptions, OrtEngine
 from service.core.errors import ModelNotFound, ModelUnavailable
 from service.core.models import ServedModel
@@ -48,6 +48,26 @@ class PoolOptions:
     batch_max_queue: int = 256
     inline_max_s: float = 0.002
     models: tuple[str, ...] = ()
+
+    def batcher(
+        self,
+        run: RunFn,
+        *,
+        executor: Executor | None,
+        on_batch: BatchHook | None = None,
+        load_hint: Callable[[], int] | None = None,
+    ) -> DynamicBatcher:
+        """A dynamic batcher for `run` with these options' limits."""
+        return DynamicBatcher(
+            run,
+            max_batch=self.batch_max_size,
+            max_delay_s=self.batch_max_delay_s,
+            max_queue=self.batch_max_queue,
+            inline_max_s=self.inline_max_s,
+            executor=executor,
+            on_batch=on_batch,
+            load_hint=load_hint,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,17 +235,8 @@ class ModelPool:
     # -- loading ---------------------------------------------------------------------------------
 
     def _make_batcher(self, served: ServedModel) -> DynamicBatcher:
-        o = self.options
-        return DynamicBatcher(
-            served.run,
-            max_batch=o.batch_max_size,
-            max_delay_s=o.batch_max_delay_s,
-            max_queue=o.batch_max_queue,
-            inline_max_s=o.inline_max_s,
-            executor=self.executor,
-            on_batch=served.on_batch,
-            load_hint=self._load_hint,
-        )
+        return self.options.batcher(served.run, executor=self.executor,
+                                    on_batch=served.on_batch, load_hint=self._load_hint)
 
     async def _engine(self, ref: ModelRef) -> OrtEngine:
         key = (ref.name, ref.version)

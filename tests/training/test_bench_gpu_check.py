@@ -19,6 +19,11 @@ CPU = "CPUExecutionProvider"
 QUICK = ["--batches", "1,8", "--repeats", "5", "--case-seconds", "0.2", "--cpu-threads", "1"]
 
 
+def _cpu_against_cpu(out: Path, *extra: str) -> int:
+    """The driver with CPU as the provider under test (a flag gpu_check.sh never passes)."""
+    return gpu_check.main(["--providers-under-test", CPU, "--out", str(out), *QUICK, *extra])
+
+
 def _stat(path: Path) -> tuple[int, int] | None:
     return (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None
 
@@ -54,19 +59,7 @@ def test_the_driver_refuses_an_unavailable_provider_and_writes_nothing(
 
 def test_cpu_against_cpu_runs_every_check_on_the_bundled_models(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    rc = gpu_check.main(
-        [
-            "--providers-under-test",
-            CPU,
-            "--out",
-            str(out),
-            *QUICK,
-            "--concurrency",
-            "1,4",
-            "--batcher-seconds",
-            "0.3",
-        ]
-    )
+    rc = _cpu_against_cpu(out, "--concurrency", "1,4", "--batcher-seconds", "0.3")
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["meta"]["passed"] is True and doc["meta"]["provider_under_test"] == CPU
@@ -93,21 +86,7 @@ def test_cpu_against_cpu_runs_every_check_on_the_bundled_models(tmp_path: Path) 
 
 def test_a_parity_failure_exits_1_and_is_recorded(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    rc = gpu_check.main(
-        [
-            "--providers-under-test",
-            CPU,
-            "--out",
-            str(out),
-            *QUICK,
-            "--models",
-            "etth1-h96",
-            "--atol",
-            "-1",
-            "--concurrency",
-            "",
-        ]
-    )
+    rc = _cpu_against_cpu(out, "--models", "etth1-h96", "--atol", "-1", "--concurrency", "")
     assert rc == 1
     doc = json.loads(out.read_text())
     assert doc["meta"]["passed"] is False

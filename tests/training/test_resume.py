@@ -107,17 +107,23 @@ def test_train_resumes_exactly(tmp_path: Path, csv: Path) -> None:
     assert doc["finished"] and 1 <= doc["best_epoch"] <= 3
 
 
+def simmtm_pretrain(
+    csv: Path, out: Path, budget: dict[str, Any], resume: bool, lookback: int = L
+) -> Any:
+    """A tiny SimMTM pretraining config on the fixture series."""
+    return build_pretrain_config(
+        "simmtm",
+        data={"dataset": str(csv), "lookback": lookback},
+        pretrain=budget,
+        model_settings={**TINY, "n_layers": 1, "patch_len": 8, "stride": 8},
+        out_dir=str(out),
+        resume=resume,
+    )
+
+
 def test_pretrain_resumes_exactly_and_keeps_the_best_encoder(tmp_path: Path, csv: Path) -> None:
     def run(out: Path, budget: dict[str, Any], resume: bool) -> Any:
-        cfg = build_pretrain_config(
-            "simmtm",
-            data={"dataset": str(csv), "lookback": L},
-            pretrain=budget,
-            model_settings={**TINY, "n_layers": 1, "patch_len": 8, "stride": 8},
-            out_dir=str(out),
-            resume=resume,
-        )
-        return run_pretrain(cfg)
+        return run_pretrain(simmtm_pretrain(csv, out, budget, resume))
 
     interrupted_vs_straight(tmp_path, run, "encoder.safetensors")
     meta = json.loads((tmp_path / "stopped" / "pretrain.json").read_text())
@@ -202,14 +208,7 @@ def test_pretrain_resumes_a_checkpoint_written_before_a_data_option_existed(
     a setting that really differs still does, with the setting named."""
 
     def cfg(out: Path, budget: dict[str, Any], resume: bool, lookback: int = L) -> Any:
-        return build_pretrain_config(
-            "simmtm",
-            data={"dataset": str(csv), "lookback": lookback},
-            pretrain=budget,
-            model_settings={**TINY, "n_layers": 1, "patch_len": 8, "stride": 8},
-            out_dir=str(out),
-            resume=resume,
-        )
+        return simmtm_pretrain(csv, out, budget, resume, lookback)
 
     out = tmp_path / "old"
     run_pretrain(cfg(out, {**BUDGET, "stop_after_epochs": 1}, False))
