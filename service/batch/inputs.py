@@ -343,6 +343,10 @@ class _Series:
     """float32 [rows, C]; NaN where missing."""
     complete: np.ndarray
     """Rows where every channel is present and finite."""
+    ticks: np.ndarray
+    """int64 time of each row in its storage unit (0 where null)."""
+    time_null: np.ndarray
+    """1 where a row's time is null."""
     unnamed: pa.Table
     """Rows without an id (they belong to no series)."""
 
@@ -393,7 +397,7 @@ def _series(block: pa.Table, id_col: str, time_col: str, value_cols: tuple[str, 
         if not ordered.all():
             order = np.lexsort((ticks, null, ranks))  # stable, as sort_by
             block = block.take(pa.array(order))
-            ranks = ranks[order]
+            ranks, ticks, null = ranks[order], ticks[order], null[order]
     t = block
     if n > 1:
         starts = np.concatenate([[0], np.flatnonzero(ranks[1:] != ranks[:-1]) + 1]).astype(np.int64)
@@ -407,7 +411,7 @@ def _series(block: pa.Table, id_col: str, time_col: str, value_cols: tuple[str, 
             values = np.column_stack([_to_numpy(t[c]) for c in value_cols]).astype(np.float32)
     values = values.reshape(n, len(value_cols))
     complete = np.asarray(np.isfinite(values).all(axis=1), dtype=bool)
-    return _Series(t, starts, ends, values, complete, unnamed)
+    return _Series(t, starts, ends, values, complete, ticks, null, unnamed)
 
 
 def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -463,11 +467,7 @@ def build_windows(
     s = _series(block, id_col, time_col, value_cols)
     t, starts, ends, c = s.table, s.starts, s.ends, len(value_cols)
     n = t.num_rows
-    times = t[time_col]
-    time_ok = np.asarray(times.is_valid().to_numpy(zero_copy_only=False), bool)
-    ticks = np.asarray(
-        pc.cast(times, storage).fill_null(0).to_numpy(zero_copy_only=False), np.int64
-    )
+    time_ok, ticks = s.time_null == 0, s.ticks
 
     # Padding before a series' first complete row is not part of it (late starts, wide files).
     positions = np.arange(n)
