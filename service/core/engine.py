@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,16 +22,11 @@ class EngineOptions:
     inter_threads: int = 1
 
 
-_preloaded: list[bool] = []
-
-
+@functools.cache
 def _preload_cuda_libraries() -> None:
     """Load the CUDA and cuDNN libraries that onnxruntime-gpu's pip extras installed (the GPU
     image's way of shipping CUDA 13), once per process. Without them the CUDA session fails and
     the engine falls back to CPU, as it does for any CUDA failure."""
-    if _preloaded:
-        return
-    _preloaded.append(True)
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return
