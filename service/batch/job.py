@@ -1,8 +1,9 @@
 """The batch job: plan (no Ray: input, model and output checked up front), then run on Ray Data.
 
-    read (Parquet/CSV, distributed) -> [wide: melt to long] -> drop rows no window needs
-    -> co-locate each series' rows (shuffle; skipped when the Parquet row groups' id statistics
-       prove each read holds whole series, as for a file written sorted by id)
+    read (Parquet/CSV, distributed) -> [wide: melt to long]
+    -> drop rows no window needs, then co-locate each series' rows (shuffle); both skipped
+       when the Parquet row groups' id statistics prove each read holds whole series, as for
+       a file written sorted by id
     -> windows (vectorised per block)
     -> map_batches over an actor pool (Scorer)
     -> write_parquet (one file per block); failures -> the errors file (driver)
@@ -283,12 +284,14 @@ def build_dataset(plan: JobPlan, tally: Any = None) -> Dataset:
     else:
         id_col, value_cols = spec.id_col, spec.value_cols
     lookback = plan.target.manifest.lookback
-    trim = partial(tail_rows, id_col=id_col, time_col=spec.time_col, value_cols=value_cols,
-                   lookback=lookback)
-    ds = ds.map_batches(trim, batch_size=None, batch_format="pyarrow")
     if colocated:
+        # build_windows keeps each series' last rows itself: nothing to trim before it.
         log.info("%s: row groups hold whole series (sorted by %s): no shuffle", spec.path, id_col)
     else:
+        # A combiner: the shuffle moves about `lookback` rows per series and block, not all.
+        trim = partial(tail_rows, id_col=id_col, time_col=spec.time_col, value_cols=value_cols,
+                       lookback=lookback)
+        ds = ds.map_batches(trim, batch_size=None, batch_format="pyarrow")
         ds = _colocate(ds, id_col, plan.partitions)
     windows_of = partial(build_windows, id_col=id_col, time_col=spec.time_col,
                          value_cols=value_cols, time_type=spec.time_type, id_type=spec.id_type,
