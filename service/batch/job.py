@@ -5,8 +5,9 @@
        when the Parquet row groups' id statistics prove each read holds whole series, as for
        a file written sorted by id
     -> windows (vectorised per block)
-    -> map_batches over an actor pool (Scorer)
-    -> write_parquet (one file per block); failures -> the errors file (driver)
+    -> map_batches over an actor pool (Scorer): scores the block and writes its forecasts as one
+       Parquet file of the output where it was scored; returns only the block's report
+    -> the driver collects the reports: counts, and failures -> the errors file
 
 Local Ray by default (`ray.init(num_cpus=...)`); with `address` the same plan runs on a cluster,
 with this checkout's `service` and `models_registry` shipped as py_modules. There the image needs
@@ -24,9 +25,10 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -45,7 +47,7 @@ from service.batch.inputs import (
     read_row_groups,
     tail_rows,
 )
-from service.batch.scoring import Scorer, ScoreSpec, Tally, failure_schema
+from service.batch.scoring import Scorer, ScoreSpec, failure_schema
 from service.batch.target import JobMode, Target, check_request, pin_model
 from service.core.engine import CPU, EngineOptions
 
@@ -270,8 +272,9 @@ def score_spec(plan: JobPlan, gpus: float = 0.0) -> ScoreSpec:
     )
 
 
-def build_dataset(plan: JobPlan, tally: Any = None) -> Dataset:
-    """The lazy pipeline (nothing runs until it is written or iterated)."""
+def build_dataset(plan: JobPlan) -> Dataset:
+    """The lazy pipeline of block reports (`report_schema`); nothing runs until it is iterated,
+    and the forecasts are written to the output as it runs."""
     import ray.data
 
     config, spec = plan.config, plan.input
@@ -308,15 +311,14 @@ def build_dataset(plan: JobPlan, tally: Any = None) -> Dataset:
         compute=ray.data.ActorPoolStrategy(size=config.actors),
         num_cpus=config.cpus_per_actor,
         num_gpus=gpus or None,
-        fn_constructor_kwargs={"spec": score_spec(plan, gpus), "tally": tally},
+        fn_constructor_kwargs={"spec": score_spec(plan, gpus), "output": config.output},
     )
 
 
 def _write_errors(path: str, failures: list[pa.Table], id_type: pa.DataType) -> int:
+    # Reports come through the dataset: a block Ray retried (its actor died) counts once.
     table = pa.concat_tables(failures) if failures else failure_schema(id_type).empty_table()
-    # A batch retried after an actor died reports its failures twice.
-    table = table.group_by([ID, "reason"], use_threads=False).aggregate([])
-    table = table.select([ID, "reason"]).sort_by([(ID, "ascending")])
+    table = table.sort_by([(ID, "ascending")])
     if path.lower().endswith(".csv"):
         pacsv.write_csv(table, path)
     else:
@@ -325,33 +327,53 @@ def _write_errors(path: str, failures: list[pa.Table], id_type: pa.DataType) -> 
     return rows
 
 
+def _prepare_output(path: str, overwrite: bool) -> None:
+    """An empty output directory (what was there is removed with --overwrite; plan_job has
+    refused a non-empty one without it)."""
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        fs, root = pafs.FileSystem.from_uri(path)
+    else:
+        fs, root = pafs.LocalFileSystem(), path
+    info = fs.get_file_info(root)
+    if overwrite and info.type == pafs.FileType.File:
+        fs.delete_file(root)
+    elif overwrite and info.type == pafs.FileType.Directory:
+        fs.delete_dir_contents(root)
+    fs.create_dir(root, recursive=True)
+
+
 def run_job(plan: JobPlan) -> JobSummary:
     """Run a planned job on Ray. A series that cannot be scored goes to the errors file with its
     reason instead of failing the job; failures of Ray itself or of model loading do raise."""
     import ray
-    from ray.data import DataContext, SaveMode
+    from ray.data import DataContext
 
     config = plan.config
     started = _start_ray(config)
+    scored, failures, providers = 0, list[pa.Table](), set[str]()
     try:
         DataContext.get_current().enable_progress_bars = config.progress
-        tally_actor: Any = ray.remote(num_cpus=0)(Tally)
-        tally = tally_actor.remote()
-        ds = build_dataset(plan, tally)
+        _prepare_output(config.output, config.overwrite)
+        ds = build_dataset(plan)
         t0 = time.perf_counter()
-        ds.write_parquet(config.output,
-                         mode=SaveMode.OVERWRITE if config.overwrite else SaveMode.APPEND)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            report: pa.Table = batch  # (iter_batches is typed for every batch format)
+            block = pc.is_null(report["reason"])
+            scored += int(pc.sum(report["scored"]).as_py() or 0)
+            providers.update(p for p in report.filter(block)["provider"].to_pylist() if p)
+            failed = report.filter(pc.invert(block))
+            if failed.num_rows:
+                failures.append(failed.select([ID, "reason"]))
         seconds = time.perf_counter() - t0
-        scored, failures, providers = ray.get(tally.result.remote())
-        ray.kill(tally)
     finally:
         if started:
             ray.shutdown()
     out = Path(config.output)
     if "://" not in config.output and not any(out.glob("*.parquet")):
         # Every series failed: still leave a readable (empty) dataset with the output schema.
-        out.mkdir(parents=True, exist_ok=True)
         pq.write_table(score_spec(plan).output_schema().empty_table(), out / "empty.parquet")
-    failed = _write_errors(plan.errors, failures, plan.input.id_type)
-    return JobSummary(plan.target.label, plan.target.mode, scored, failed, seconds,
-                      config.actors, providers, config.output, plan.errors)
+    failed_n = _write_errors(plan.errors, failures, plan.input.id_type)
+    return JobSummary(plan.target.label, plan.target.mode, scored, failed_n, seconds,
+                      config.actors, sorted(providers), config.output, plan.errors)

@@ -330,6 +330,40 @@ def test_a_fixed_channel_model_refuses_other_channel_counts(registry: Path) -> N
                                     "reason": [f"3 channels, {FIXED}@1 expects 7"]}
 
 
+def test_a_block_scored_again_replaces_its_own_file(registry: Path, tmp_path: Path) -> None:
+    """The actor writes a block's forecasts itself, named after the block's first series: a
+    block Ray runs again (its actor died) leaves one file, not two; the driver gets only the
+    block's report (its failures, and one row with the count scored and the provider)."""
+    spec = ScoreSpec(str(registry), FIXED, 1, "fast", HORIZON, (), tuple(CHANNELS), pa.string(),
+                     pa.int64(), CPU_ONLY)
+    good = [float(v) for v in np.arange(7 * LOOKBACK) % 5]
+    windows = pa.table({
+        "unique_id": ["a", "b", "c"],
+        "values": pa.array([good, good[: 7 * (LOOKBACK - 2)], good], pa.large_list(pa.float32())),
+        "last": [LOOKBACK] * 3, "step": [1] * 3,
+        "reason": pa.array([None, None, "missing ds within the model window"], pa.string()),
+    })
+    out = tmp_path / "out"
+    scorer = Scorer(spec, output=str(out))
+    first, again = scorer(windows), scorer(windows)
+    assert first.equals(again)
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == [f"part-{files[0].name[5:-8]}.parquet"]
+    written = pq.read_table(files[0])
+    assert set(written["unique_id"].to_pylist()) == {"a"}
+    assert written.num_rows == HORIZON
+    report = first.to_pydict()
+    assert report["unique_id"] == ["b", "c", None]
+    assert str(LOOKBACK) in report["reason"][0]  # too short for the model's lookback
+    assert report["reason"][1:] == ["missing ds within the model window", None]
+    assert report["scored"] == [0, 0, 1]
+    assert report["provider"] == [None, None, "CPUExecutionProvider"]
+
+    # A block of failures only writes nothing.
+    report = Scorer(spec, output=str(tmp_path / "none"))(windows.slice(1)).to_pydict()
+    assert report["scored"] == [0, 0, 0] and not list((tmp_path / "none").iterdir())
+
+
 # -- bad command lines: a clear message and exit status 2, before Ray starts ---------------------
 
 
