@@ -195,9 +195,13 @@ def read_row_groups(pieces: pa.Table, *, spec: InputSpec) -> pa.Table:
                          if code >= 0 else pa.array(np.zeros(len(chunk), bool)))
         return pa.chunked_array(masks, pa.bool_())
 
-    def rows_of(table: pa.Table, uid: object, keep: bool) -> pa.Table:
+    def without(table: pa.Table, uid: object) -> pa.Table:
+        """The table less the rows of `uid`: a zero-copy slice when they lead it (sorted)."""
         same = same_id(table[spec.id_col], uid)
-        return table.filter(same if keep else pc.invert(same))
+        hits = int(pc.sum(same).as_py() or 0)
+        if pc.all(same.slice(0, hits)).as_py():
+            return table.slice(hits)
+        return table.filter(pc.invert(same))
 
     def leading_rows(path: str, group: int, uid: object) -> pa.Table:
         """The rows of `uid` in a following row group, decoding its id column first: when
@@ -232,7 +236,7 @@ def read_row_groups(pieces: pa.Table, *, spec: InputSpec) -> pa.Table:
                     "writer?): rewrite it with pyarrow, or unsorted, to have it shuffled"
                 )
             if piece.get("skip"):
-                table = rows_of(table, first, keep=False)
+                table = without(table, first)
             # The last id's rows from the following row groups go after this one's: a file
             # written sorted stays in (id, time) order, so the windows need no sort.
             tables.append(table)

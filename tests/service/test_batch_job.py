@@ -330,6 +330,21 @@ def test_a_fixed_channel_model_refuses_other_channel_counts(registry: Path) -> N
                                     "reason": [f"3 channels, {FIXED}@1 expects 7"]}
 
 
+def test_a_row_group_unsorted_inside_still_reads_whole_series(tmp_path: Path) -> None:
+    """Touching id ranges prove co-location even when a row group is not sorted inside: the
+    rows of the shared id are then found anywhere in it (not only at its start)."""
+    table = pa.table({"unique_id": ["a", "a", "b", "a", "c"], "ds": [0, 1, 0, 2, 0],
+                      "a": [1.0, 2.0, 3.0, 4.0, 5.0]})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=2)  # [a a] [b a] [c]
+    spec = inspect_input(str(tmp_path / "in.parquet"))
+    reads = colocated_row_groups(parquet_row_groups(spec), spec)
+    assert reads is not None and reads[0]["follow"] and reads[1]["skip"]
+    blocks = [read_row_groups(pa.Table.from_pylist([r]), spec=spec) for r in reads]
+    got = [sorted(zip(b["unique_id"].cast(pa.string()).to_pylist(), b["ds"].to_pylist(),
+                      strict=True)) for b in blocks]
+    assert got == [[("a", 0), ("a", 1), ("a", 2)], [("b", 0)], [("c", 0)]]
+
+
 def test_a_block_scored_again_replaces_its_own_file(registry: Path, tmp_path: Path) -> None:
     """The actor writes a block's forecasts itself, named after the block's first series: a
     block Ray runs again (its actor died) leaves one file, not two; the driver gets only the
