@@ -456,6 +456,16 @@ def record(case: str, conc: int, m: dict[str, float], series: int) -> dict[str, 
     }
 
 
+def rewrite_md(out: Path) -> None:
+    """latency.md from latency.json as it now stands (the sub-commands that merge one record
+    into the JSON call this, so the two never disagree)."""
+    data = json.loads((out / "latency.json").read_text())
+    if data.get("meta"):
+        records = data["records"]
+        write_md(out / "latency.md", [r for r in records if "case" in r],
+                 [r for r in records if "ratio" in r], data["meta"])
+
+
 def write_md(
     path: Path, records: list[dict[str, Any]], ratios: list[dict[str, Any]], meta: dict[str, Any]
 ) -> None:

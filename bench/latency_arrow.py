@@ -128,7 +128,5 @@ def main(argv: list[str]) -> None:
                                and r.get("concurrency") == 1)] + [rec]
     args.out.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
-    if data.get("meta"):  # latency.md follows the JSON
-        latency.write_md(args.out / "latency.md", [r for r in data["records"] if "case" in r],
-                         [r for r in data["records"] if "ratio" in r], data["meta"])
+    latency.rewrite_md(args.out)
     print(json.dumps({k: rec[k] for k in ("ratio", "concurrency", "value")}))

@@ -135,5 +135,6 @@ def main(argv: list[str]) -> None:
                        if (r.get("ratio"), r.get("concurrency")) not in replaced] + new
     args.out.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
+    latency.rewrite_md(args.out)
     for rec in new:
         print(json.dumps({k: rec[k] for k in ("ratio", "concurrency", "value")}))

@@ -193,3 +193,4 @@ def main(argv: list[str]) -> None:
     data["records"] = [r for r in data["records"] if r.get("ratio") != record["ratio"]]
     data["records"].append(record)
     out.write_text(json.dumps(data, indent=2) + "\n")
+    latency.rewrite_md(args.out)
