@@ -24,6 +24,7 @@ Each finished run appends one record to ``bench/results/teachers.json`` (fields 
     python bench/teachers.py run --time-limit 9000     # every stage, in priority order
     python bench/teachers.py pretrain --methods simmtm --datasets ETTh2 --time-limit 3600
     python bench/teachers.py report
+    python bench/teachers.py status                    # done, unfinished, left (no training)
 
 ``--time-limit`` stops between epochs once that many seconds have passed (the run stays
 resumable), so a job never outlives the session that started it.
@@ -730,6 +731,55 @@ def cmd_run(a: argparse.Namespace) -> int:
         done += 1
 
 
+def status(results: Path = RESULTS, work: Path = WORK) -> str:
+    """What is done, what runs now (a run folder without its record) and what is left, with a
+    rough single-thread estimate of the compute left (from the runs done so far)."""
+    lines = ["pretraining (epochs done / at least; best epoch by validation pretext loss):"]
+    left_s = 0.0
+    not_started: list[str] = []
+    for dataset in DATASETS:
+        for method in METHODS:
+            path = pretrain_dir(work, method, dataset) / "pretrain.json"
+            if not path.exists():
+                lines.append(f"  {method:7s} {dataset}: not started")
+                not_started.append(f"{method} {dataset}")
+                continue
+            meta = json.loads(path.read_text())
+            history = meta.get("history") or []
+            want = int(meta.get("pretrain", {}).get("min_epochs") or 0)
+            last = float(history[-1]["seconds"]) if history else 0.0
+            state = "finished" if meta.get("finished") else "in progress"
+            if not meta.get("finished") and history:
+                left_s += max(0, want - len(history)) * last / len(history)
+            lines.append(f"  {method:7s} {dataset}: {state}, {len(history)} / {want} epochs, "
+                         f"best {meta.get('best_epoch')}, {last / 3600:.1f} h")
+    records = load_records(results / RECORDS)
+    finetune = [float(r["finetune_seconds"]) for r in records if r.get("finetune_seconds")]
+    typical = statistics.median(finetune) if finetune else float("nan")
+    lines.append(f"fine-tuned records (seeds done of {len(SEEDS)}):")
+    missing = 0
+    for c in (Cell(d, h) for h in HORIZONS for d in DATASETS):
+        row = []
+        for model, init in [(m, i) for m in METHODS for i in INITS] + [("patchtst", ""),
+                                                                        ("ensemble", "")]:
+            n = sum(1 for r in records if (r["dataset"], r["horizon"], r["model"],
+                                           r["init"]) == (c.dataset, c.horizon, model, init))
+            row.append(f"{model}{'-' + init[:3] if init else ''} {n}")
+            if model != "ensemble":
+                missing += len(SEEDS) - n
+        lines.append(f"  {c.dataset}-{c.horizon}: " + ", ".join(row))
+    running = [d.name for d in sorted(work.glob("*-s[0-9]"))
+               if (d / "last.pt").exists() and not (d / "run.json").exists()
+               or ((d / "run.json").exists()
+                   and not json.loads((d / "run.json").read_text()).get("finished"))]
+    lines.append(f"unfinished run folders: {', '.join(running) or 'none'}")
+    lines.append(f"left: {missing} fine-tuning runs (~{missing * typical / 3600:.1f} h at the "
+                 f"median {typical / 60:.0f} min each, one thread), ~{left_s / 3600:.1f} h of "
+                 "pretraining in progress to its minimum epochs, and pretraining not started: "
+                 f"{', '.join(not_started) or 'none'}; then the ensembles (minutes)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -745,6 +795,10 @@ def main(argv: list[str] | None = None) -> int:
     pre = sub.add_parser("pretrain", help="masked pretraining of each method on each dataset")
     pre.set_defaults(stages=("pretrain",))
     rep = sub.add_parser("report", help="bench/results/teachers.md and the curves' PNGs")
+    st = sub.add_parser("status", help="what is done, running and left (no training)")
+    st.add_argument("--results", type=Path, default=RESULTS)
+    st.add_argument("--work", type=Path, default=WORK)
+    st.set_defaults(handler=lambda a: print(status(a.results, a.work)) or 0)
     for q in (runp, pre):
         q.add_argument("--methods", type=lambda t: tuple(t.split(",")), default=METHODS)
         q.add_argument("--datasets", type=lambda t: tuple(t.split(",")), default=DATASETS)

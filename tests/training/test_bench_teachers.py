@@ -68,6 +68,13 @@ def test_a_second_invocation_has_nothing_left_and_the_report_pairs_the_seeds(
     assert "## ETTh1, H = 96" in text and "PatchTST/64 (published, L = 512) | | 0.370" in text
     assert text.count("- himtm: ") == 1
     assert "(2)" in text  # two seeds per mean
+    # status: counts what the queue recorded and names what was never started.
+    assert bench.main(["status", "--results", str(results), "--work", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert "himtm   ETTh1: finished, 1 / 0 epochs" in out
+    assert "simmtm  ETTh1: not started" in out
+    assert "ETTh1-96: simmtm-pre 0, simmtm-scr 0, himtm-pre 2, himtm-scr 2" in out
+    assert "patchtst 2, ensemble 2" in out
 
 
 # --------------------------------------------------------------------------- bench/students.py
