@@ -107,7 +107,7 @@ def run_ray_cases(args: argparse.Namespace, src: Path, work: Path, series: int, 
     repeat, so each ratio is taken between runs minutes apart at most."""
     import ray
 
-    from service.batch.inputs import colocated_row_groups, parquet_row_groups
+    from service.batch.inputs import colocated_row_groups, inspect_input, parquet_row_groups
     from service.batch.job import JobConfig, plan_job, run_job
 
     t0 = time.perf_counter()
@@ -140,13 +140,14 @@ def run_ray_cases(args: argparse.Namespace, src: Path, work: Path, series: int, 
         cases.append(("ray_1_actor_time_major", time_major, 1))
         runs: dict[str, list[tuple[float, float]]] = {}
         raw_runs: list[dict[str, Any]] = []
-        shuffled: dict[str, bool] = {}
         n_actors = {case: actors for case, _, actors in cases}
+        inputs = {case: path for case, path, _ in cases}
+        n_series = {case: side if path == time_major else series for case, path in inputs.items()}
         for case, path, actors in cases:
             if case == "raw_ort":
                 raw_runs.append(raw_ort())
                 continue
-            n = side if path == time_major else series
+            n = n_series[case]
             out = work / case
             plan = plan_job(JobConfig(model=args.model, mode="fast", input=str(path),
                                       output=str(out), registry=str(args.registry),
@@ -157,17 +158,16 @@ def run_ray_cases(args: argparse.Namespace, src: Path, work: Path, series: int, 
             seconds = time.perf_counter() - t0
             assert summary.failed == 0, f"{summary.failed} series failed"
             assert summary.scored == n, f"{summary.scored} of {n} series scored"
-            shuffled[case] = colocated_row_groups(parquet_row_groups(plan.input),
-                                                  plan.input) is None
             runs.setdefault(case, []).append((seconds, summary.seconds))
             outputs[case] = out
             print(json.dumps({"case": case, "series": n, "seconds": round(seconds, 3)}),
                   flush=True)
         for case, times in runs.items():
             best = min(times)
-            n = side if case == "ray_1_actor_time_major" else series
-            records.append(record(case, n, best[0], actors=n_actors[case],
-                                  shuffle=shuffled[case], pipeline_s=round(best[1], 3),
+            spec = inspect_input(str(inputs[case]))
+            shuffled = colocated_row_groups(parquet_row_groups(spec), spec) is None
+            records.append(record(case, n_series[case], best[0], actors=n_actors[case],
+                                  shuffle=shuffled, pipeline_s=round(best[1], 3),
                                   runs_s=[round(t, 3) for t, _ in times]))
         fastest = min(raw_runs, key=lambda r: float(r["seconds"]))
         records.append({**fastest, "runs_s": [r["seconds"] for r in raw_runs]})

@@ -768,10 +768,14 @@ def status(results: Path = RESULTS, work: Path = WORK) -> str:
             if model != "ensemble":
                 missing += len(SEEDS) - n
         lines.append(f"  {c.dataset}-{c.horizon}: " + ", ".join(row))
-    running = [d.name for d in sorted(work.glob("*-s[0-9]"))
-               if (d / "last.pt").exists() and not (d / "run.json").exists()
-               or ((d / "run.json").exists()
-                   and not json.loads((d / "run.json").read_text()).get("finished"))]
+    def unfinished(run: Path) -> bool:
+        """Started (resume state or a run.json) and not finished."""
+        meta = run / "run.json"
+        if meta.exists():
+            return not json.loads(meta.read_text()).get("finished")
+        return (run / "last.pt").exists()
+
+    running = [d.name for d in sorted(work.glob("*-s[0-9]")) if unfinished(d)]
     lines.append(f"unfinished run folders: {', '.join(running) or 'none'}")
     lines.append(f"left: {missing} fine-tuning runs (~{missing * typical / 3600:.1f} h at the "
                  f"median {typical / 60:.0f} min each, one thread), ~{left_s / 3600:.1f} h of "

@@ -195,21 +195,25 @@ def read_row_groups(pieces: pa.Table, *, spec: InputSpec) -> pa.Table:
                          if code >= 0 else pa.array(np.zeros(len(chunk), bool)))
         return pa.chunked_array(masks, pa.bool_())
 
+    def leading(same: pa.ChunkedArray) -> int | None:
+        """How many rows match, when they are exactly the first rows (a sorted file); else
+        None (they are scattered)."""
+        hits = int(pc.sum(same).as_py() or 0)
+        return hits if pc.all(same.slice(0, hits)).as_py() else None
+
     def without(table: pa.Table, uid: object) -> pa.Table:
         """The table less the rows of `uid`: a zero-copy slice when they lead it (sorted)."""
         same = same_id(table[spec.id_col], uid)
-        hits = int(pc.sum(same).as_py() or 0)
-        if pc.all(same.slice(0, hits)).as_py():
-            return table.slice(hits)
-        return table.filter(pc.invert(same))
+        hits = leading(same)
+        return table.slice(hits) if hits is not None else table.filter(pc.invert(same))
 
     def leading_rows(path: str, group: int, uid: object) -> pa.Table:
         """The rows of `uid` in a following row group, decoding its id column first: when
         they lead it (a sorted file), only the first record batches of the other columns."""
         f = open_file(path)
         same = same_id(f.read_row_group(group, columns=[spec.id_col])[spec.id_col], uid)
-        hits = int(pc.sum(same).as_py() or 0)
-        if hits and pc.all(same.slice(0, hits)).as_py():
+        hits = leading(same)
+        if hits:
             batches, got = [], 0
             for batch in f.iter_batches(batch_size=max(hits, 1024), row_groups=[group],
                                         columns=spec.read_columns):
