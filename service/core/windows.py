@@ -111,21 +111,6 @@ def to_window(values: Any, field: str) -> tuple[np.ndarray, bool]:
     return out, univariate
 
 
-def rows_to_window(rows: list[list[float]]) -> np.ndarray | None:
-    """Rows already typed as floats (msgspec) -> float32 [n, C]; None when they are not a
-    usable window (empty, ragged, non-finite or beyond float32), for `to_window` to explain."""
-    n = len(rows)
-    if n == 0:
-        return None
-    width = len(rows[0])
-    if width == 0 or set(map(len, rows)) != {width}:
-        return None
-    flat = np.fromiter(chain.from_iterable(rows), np.float64, n * width)
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = flat.astype(np.float32).reshape(n, width)
-    return out if np.isfinite(out).all() else None
-
-
 def flat_to_windows(
     values: Any, sizes: list[int], n_channels: int, field: str
 ) -> tuple[np.ndarray, list[InvalidInput | None]]:

@@ -191,10 +191,38 @@ _ROWS = '[[1, 2.5], [3, 4e-3]]'
     '{"series": [{"id": "a", "values": ROWS, "colour": 1}]}',
     '{"series": [{"id": "a", "values": ROWS}], "extra": 1}',
     '{"series": [{"id": "a", "values": ROWS}]',
+    # simdjson flattens any nesting and the shape is proven on the text: every wrong shape
+    # whose numbers still add up must reach the general path.
+    '{"series": [{"id": "a", "values": [[1, [2]], [3, 4]]}]}',
+    '{"series": [{"id": "a", "values": [[[1], 2], [3, 4]]}]}',
+    '{"series": [{"id": "a", "values": [[1, 2], 3]}]}',
+    '{"series": [{"id": "a", "values": [3, [1, 2]]}]}',
+    '{"series": [{"id": "a", "values": [[1, 2], [3], [4, 5, 6]]}]}',
+    '{"series": [{"id": "a", "values": [[1, 2, 3], [4], [5, 6]]}]}',
+    '{"series": [{"id": "a", "values": [[1, 2], [], [3, 4, 5, 6]]}]}',
+    '{"series": [{"id": "a", "values": [[1, 2], [3, 4, 5], [6]]}]}',
+    '{"series": [{"id": "a", "values": [[1, null]]}]}',
+    '{"series": [{"id": "a", "values": [[1, {"v": 2}]]}]}',
+    '{"series": [{"id": "a", "values": {"v": [[1, 2]]}}]}',
+    '{"series": [{"id": "a", "values": "[[1, 2]]"}]}',
+    '{"series": [{"id": "a", "values": 5}]}',
+    '{"series": [{"id": "a", "values": null}]}',
+    '{"series": [{"id": "a", "values": [[1]]}]}',
+    '{"series": [{"id": "a", "values": [ [ 1 ,\n 2 ] ,\t[3,4]\r\n ] }]}',
+    '{"series": [{"id": "a", "values": [[-0, 0.0, -0.0, 1E2, 1e-2, 5e-324, 3.4028235e38]]}]}',
+    '{"series": [{"id": "a", "values": [[9223372036854775807, -9223372036854775808]]}]}',
+    '{"series": [{"id": "a", "values": [[18446744073709551615, 1]]}]}',
+    '{"series": [{"id": "a", "values": [[18446744073709551616, 1]]}]}',
+    '{"series": [{"id": "a", "values": [[1.00000000000000000000000000001, 0.1]]}]}',
+    '{"series": [{"id": "a", "values": [[1, 2]], "values": [[3, 4]]}]}',
+    '{"series": [{"id": "a", "values": ROWS}], "series": [{"id": "b", "values": [[5]]}]}',
+    '{"series": [{"id": "a", "values": [[1, 2]]}, {"id": "b", "values": [[1, 2], [3]]}]}',
+    '{"series": [{"id": "a,[", "values": ROWS}]}',
 ])
 def test_one_pass_decode_agrees_with_the_general_path(body: str) -> None:
-    """/v1/forecast decodes the common body in one msgspec pass; whatever it accepts must be
-    exactly what the general path builds, and whatever it refuses the general path explains."""
+    """/v1/forecast decodes the common body on a fast road (msgspec + simdjson); whatever it
+    accepts must be exactly what the general path builds, and whatever it refuses the general
+    path explains."""
     from service.api.decode import general_forecast_request
 
     raw = body.replace("ROWS", _ROWS).encode()
@@ -213,3 +241,44 @@ def test_one_pass_decode_agrees_with_the_general_path(body: str) -> None:
         outcomes.append(("ok", series, req.model, req.mode, req.horizon, req.levels,
                          req.deadline_ms))
     assert outcomes[0] == outcomes[1]
+
+
+def _outcome(decode: Any, raw: bytes) -> tuple[Any, ...]:
+    try:
+        req = decode(raw, LIMITS)
+    except Exception as exc:
+        return ("error", type(exc), str(exc), getattr(exc, "field", None))
+    return ("ok", [(s.id, s.values.tobytes(), s.values.shape) if isinstance(s, SeriesInput) else s
+                   for s in req.series])
+
+
+def test_one_pass_decode_agrees_on_random_numbers_and_shapes() -> None:
+    """Random windows written the many ways JSON writes numbers (integers, exponents, 17
+    digits, subnormals, signs, spacing), some rows made ragged: the fast road's float32 values
+    are bit for bit the general path's, and every shape it must not take it leaves alone."""
+    from service.api.decode import _rows_request, general_forecast_request
+
+    rng = np.random.default_rng(7)
+    formats = ["{:.17g}", "{:.3f}", "{:e}", "{:d}", "{:.6E}", "{!r}"]
+    taken = 0
+    for case in range(300):
+        n, c = int(rng.integers(1, 40)), int(rng.integers(1, 9))
+        scale = 10.0 ** float(rng.uniform(-320, 38))
+        values = rng.standard_normal((n, c)) * scale
+        rows = []
+        for row in values:
+            cells = []
+            for v in row:
+                fmt = formats[int(rng.integers(len(formats)))]
+                cells.append(fmt.format(int(v)) if fmt == "{:d}" else fmt.format(float(v)))
+            rows.append(cells)
+        if case % 5 == 4 and n > 1:  # ragged: move one number to another row
+            moved = rows[0].pop()
+            rows[-1].append(moved)
+        sep = [",", ", ", " ,\n "][case % 3]
+        text = "[" + sep.join("[" + sep.join(r) + "]" for r in rows) + "]"
+        raw = ('{"series": [{"id": "s", "values": ' + text + "}]}").encode()
+        fast, general = _outcome(forecast_request, raw), _outcome(general_forecast_request, raw)
+        assert fast == general, text[:200]
+        taken += _rows_request(raw, LIMITS) is not None
+    assert taken > 100, taken  # the fast road was exercised, not skipped
