@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -100,6 +101,53 @@ def write_input(path: Path, values: np.ndarray, stamps: np.ndarray) -> list[str]
 # -- the job --------------------------------------------------------------------------------------
 
 
+class CpuMeter:
+    """CPU seconds the job's processes spend, by role, from Linux's /proc: the scoring actors
+    (`ray::MapWorker...`), this driver, and Ray's own processes (raylet, GCS, its helper
+    actors). A thread samples every process's counters every 0.25 s and keeps each process's
+    last value, so a worker that exits mid-run is counted up to its last sample."""
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK")
+        self._start = self._sample()
+        self._last: dict[int, tuple[str, float]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> dict[int, tuple[str, float]]:
+        me, out = os.getpid(), {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode()
+            except (OSError, IndexError, UnicodeDecodeError):
+                continue
+            pid = int(entry)
+            role = ("driver" if pid == me else "actors" if cmd.startswith("ray::MapWorker")
+                    else "ray" if "ray" in cmd else "")
+            if role:
+                out[pid] = (role, (int(stat[11]) + int(stat[12])) / self._tick)
+        return out
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._last.update(self._sample())
+            time.sleep(0.25)
+
+    def stop(self) -> dict[str, float]:
+        self._stop = True
+        self._thread.join()
+        self._last.update(self._sample())
+        spent: dict[str, float] = {"actors": 0.0, "driver": 0.0, "ray": 0.0}
+        for pid, (role, seconds) in self._last.items():
+            before = self._start.get(pid)
+            spent[role] += seconds - (before[1] if before is not None else 0.0)
+        return {f"{role}_cpu_s": round(v, 2) for role, v in spent.items()}
+
+
 def run_ray_cases(args: argparse.Namespace, src: Path, work: Path, series: int, side: int,
                   raw_ort: Callable[[], dict[str, Any]],
                   ) -> tuple[list[dict[str, Any]], dict[str, Path], float, dict[str, list[float]]]:
@@ -139,6 +187,7 @@ def run_ray_cases(args: argparse.Namespace, src: Path, work: Path, series: int, 
                  ("ray_2_actors", src, 2)] * args.repeats
         cases.append(("ray_1_actor_time_major", time_major, 1))
         runs: dict[str, list[tuple[float, float]]] = {}
+        cpus: dict[str, list[dict[str, float]]] = {}
         raw_runs: list[dict[str, Any]] = []
         n_actors = {case: actors for case, _, actors in cases}
         inputs = {case: path for case, path, _ in cases}
@@ -153,22 +202,27 @@ def run_ray_cases(args: argparse.Namespace, src: Path, work: Path, series: int, 
                                       output=str(out), registry=str(args.registry),
                                       actors=actors, batch_size=args.batch_size,
                                       progress=False, overwrite=True))
+            meter = CpuMeter()
             t0 = time.perf_counter()
             summary = run_job(plan)
             seconds = time.perf_counter() - t0
+            cpu = meter.stop()
             assert summary.failed == 0, f"{summary.failed} series failed"
             assert summary.scored == n, f"{summary.scored} of {n} series scored"
             runs.setdefault(case, []).append((seconds, summary.seconds))
+            cpus.setdefault(case, []).append(cpu)
             outputs[case] = out
-            print(json.dumps({"case": case, "series": n, "seconds": round(seconds, 3)}),
+            print(json.dumps({"case": case, "series": n, "seconds": round(seconds, 3), **cpu}),
                   flush=True)
         for case, times in runs.items():
             best = min(times)
             spec = inspect_input(str(inputs[case]))
             shuffled = colocated_row_groups(parquet_row_groups(spec), spec) is None
+            # CPU seconds of the fastest run, by role (CpuMeter), and every run's.
             records.append(record(case, n_series[case], best[0], actors=n_actors[case],
                                   shuffle=shuffled, pipeline_s=round(best[1], 3),
-                                  runs_s=[round(t, 3) for t, _ in times]))
+                                  runs_s=[round(t, 3) for t, _ in times],
+                                  **cpus[case][times.index(best)], cpu_runs=cpus[case]))
         fastest = min(raw_runs, key=lambda r: float(r["seconds"]))
         records.append({**fastest, "runs_s": [r["seconds"] for r in raw_runs]})
         # Ratios within each repeat (raw, 1 actor, 2 actors back to back).
@@ -381,6 +435,19 @@ def write_md(path: Path, records: list[dict[str, Any]], meta: dict[str, Any]) ->
               f"{', '.join(f'{v:.3f}' for v in r['per_repeat'])} | {r['target']} |"
               for r in records if "ratio" in r]
     by_case = {r["case"]: r for r in records if "case" in r}
+    one, two = by_case.get("ray_1_actor"), by_case.get("ray_2_actors")
+    if one and two and "actors_cpu_s" in one and "actors_cpu_s" in two:
+        cap = one["seconds"] / (two["actors_cpu_s"] / 2)
+        lines += ["", "CPU seconds of each case's fastest run, by role (`CpuMeter`: Linux "
+                  "/proc, sampled every 0.25 s): "
+                  + "; ".join(f"{r['case']}: actors {r['actors_cpu_s']:.1f}, driver "
+                              f"{r['driver_cpu_s']:.1f}, Ray's own processes {r['ray_cpu_s']:.1f}"
+                              for r in (one, two))
+                  + f". Two actors spend {two['actors_cpu_s'] / one['actors_cpu_s']:.2f}x the "
+                  "actor CPU seconds of one for the same series; were both cores scoring all "
+                  f"the time, ray_2_actors/ray_1_actor would be ~{cap:.2f}. The gap to that is "
+                  "the time they are not (actor start-up, the last blocks, the driver's and "
+                  "Ray's own share of the 2 cores)."]
     stages = sum(r["seconds"] for c, r in by_case.items() if c.startswith("stage_"))
     if stages and "ray_1_actor" in by_case:
         lines += ["", f"`stage_*`: each step of the job run in one process, one thread, no "
