@@ -215,8 +215,10 @@ def _rows_request(body: bytes, limits: Limits) -> ForecastRequest | None:
     """The request when `body` is the common case, else None (nothing raised for bad input)."""
     try:
         wire: Any = _ROWS_FORECAST.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError):  # also every ValidationError
-        return None  # invalid UTF-8 raises UnicodeDecodeError: the general path answers 400
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):  # + every ValidationError
+        # Invalid UTF-8 raises UnicodeDecodeError, and arrays nested past msgspec's depth
+        # limit (read whole as raw `values`) RecursionError: the general path answers both.
+        return None
     series = wire.series
     limits.check_count(len(series), "series")
     _check_unique([s.id for s in series], "series")

@@ -218,6 +218,8 @@ _ROWS = '[[1, 2.5], [3, 4e-3]]'
     '{"series": [{"id": "a", "values": ROWS}], "series": [{"id": "b", "values": [[5]]}]}',
     '{"series": [{"id": "a", "values": [[1, 2]]}, {"id": "b", "values": [[1, 2], [3]]}]}',
     '{"series": [{"id": "a,[", "values": ROWS}]}',
+    '{"series": [{"id": "a", "values": ' + "[" * 1000 + "]" * 1000 + "}]}",
+    '{"series": [{"id": "a", "values": ' + "[" * 3000 + "1" + "]" * 3000 + "}]}",
 ])
 def test_one_pass_decode_agrees_with_the_general_path(body: str) -> None:
     """/v1/forecast decodes the common body on a fast road (msgspec + simdjson); whatever it
