@@ -25,7 +25,7 @@ from service.batch.target import JobMode, PinnedRegistry
 from service.core.engine import EngineOptions
 from service.core.errors import InvalidInput
 from service.core.pool import ModelPool, PoolOptions
-from service.core.predictor import Predictor
+from service.core.predictor import Predictor, nonfinite_error
 from service.core.types import ForecastRequest, SeriesFailure, SeriesForecast, SeriesInput
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ class Scorer:
         self.provider = served.provider
         self.predictor = Predictor(self.pool, shadow_fraction=0.0)
         self.model = f"{spec.name}@{spec.version}"
+        self.lookback = served.lookback
         self.storage = time_storage(spec.time_type)
         log.info("scoring with %s on %s", self.model, self.provider)
 
@@ -180,8 +181,67 @@ class Scorer:
             series.append(SeriesInput(i, window, False, i))
         return series
 
+    def _block(self, batch: pa.Table) -> tuple[np.ndarray, list[int], list[int], list[str]] | None:
+        """The scorable windows as one [k, lookback, C] view (no copy), their rows, and the
+        rows that already carry a reason, with it; None when some window without a reason is
+        not exactly the model's lookback (the per-series path then explains it)."""
+        c, lookback = len(self.spec.channels), self.lookback
+        values = batch.column("values").combine_chunks()
+        offsets = values.offsets.to_numpy()
+        reasons = batch.column("reason")
+        if reasons.null_count == len(reasons):
+            ok, failed, why = list(range(batch.num_rows)), [], []
+        else:
+            listed = reasons.to_pylist()
+            ok = [i for i, r in enumerate(listed) if r is None]
+            failed = [i for i, r in enumerate(listed) if r is not None]
+            why = [listed[i] for i in failed]
+        sizes = np.diff(offsets)[ok]
+        if not bool((sizes == lookback * c).all()):
+            return None
+        flat = values.values.to_numpy(zero_copy_only=False)
+        if len(ok) == batch.num_rows:  # the usual block: windows back to back
+            x = flat[offsets[0] : offsets[0] + len(ok) * lookback * c]
+        else:
+            x = np.concatenate([flat[offsets[i] : offsets[i + 1]] for i in ok]) if ok else flat[:0]
+        return x.reshape(len(ok), lookback, c), ok, failed, why
+
     def score(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
-        """Windows -> (forecast rows in long form, failures)."""
+        """Windows -> (forecast rows in long form, failures): a block of lookback-long windows
+        in one `Predictor.forecast_block` call, anything else series by series."""
+        block = self._block(batch)
+        if block is None:
+            return self._score_series(batch)
+        spec = self.spec
+        x, ok, failed, reasons = block
+        try:
+            result = self.loop.run_until_complete(self.predictor.forecast_block(
+                x, model=self.model, mode=spec.mode, horizon=spec.horizon,
+                levels=list(spec.levels)))
+        except InvalidInput:  # a check every window fails (channels): say it per series
+            return self._score_series(batch)
+        if not bool(result.finite.all()):
+            bad = np.flatnonzero(~result.finite)
+            message = nonfinite_error(result.label, "values").message
+            for b in bad.tolist():
+                failed.append(ok[b])
+                reasons.append(message)
+            keep = np.flatnonzero(result.finite)
+            ok = [ok[b] for b in keep.tolist()]
+            values = result.values[keep]
+            bands = {k: (lo[keep], hi[keep]) for k, (lo, hi) in result.bands.items()}
+        else:
+            values, bands = result.values, result.bands
+        order = np.argsort(failed, kind="stable")
+        failures = pa.table(
+            {ID: batch.column(ID).take(pa.array(np.asarray(failed, np.int64)[order])),
+             "reason": pa.array([reasons[i] for i in order.tolist()], pa.string())},
+            schema=failure_schema(spec.id_type),
+        )
+        return self._table(batch, values, bands, ok, result.horizon), failures
+
+    def _score_series(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """`score` series by series, through `Predictor.forecast` (explains short windows)."""
         spec = self.spec
         req = ForecastRequest(self._requests(batch), model=self.model, mode=spec.mode,
                               horizon=spec.horizon, levels=list(spec.levels))
@@ -202,10 +262,20 @@ class Scorer:
              "reason": pa.array(reasons, pa.string())},
             schema=failure_schema(spec.id_type),
         )
-        return self._forecast_table(batch, forecasts, ok, result.horizon), failures
+        if not forecasts:
+            return self.spec.output_schema().empty_table(), failures
+        values = np.stack([f.values for f in forecasts])  # [k, h, C]
+        bands = {}
+        for label in spec.labels:
+            pairs = [f.intervals[label] for f in forecasts if f.intervals is not None]
+            bands[label] = (np.stack([lo for lo, _ in pairs]), np.stack([hi for _, hi in pairs]))
+        return self._table(batch, values, bands, ok, result.horizon), failures
 
-    def _forecast_table(self, batch: pa.Table, forecasts: list[SeriesForecast], ok: list[int],
-                        h: int) -> pa.Table:
+    def _table(self, batch: pa.Table, values: np.ndarray,
+               bands: dict[str, tuple[np.ndarray, np.ndarray]], ok: list[int], h: int
+               ) -> pa.Table:
+        """Forecast rows in long form: `values` and each level's bands are [k, h, C] for the
+        batch rows `ok`."""
         spec = self.spec
         schema = spec.output_schema()
         if not ok:
@@ -213,7 +283,6 @@ class Scorer:
         last = batch.column("last").to_numpy()[ok]
         step = batch.column("step").to_numpy()[ok]
         ticks = (last[:, None] + step[:, None] * np.arange(1, h + 1)).reshape(-1)  # [k * h]
-        values = np.stack([f.values for f in forecasts])  # [k, h, C]
         cols: dict[str, pa.Array | pa.ChunkedArray] = {
             ID: batch.column(ID).take(pa.array(np.repeat(np.asarray(ok, np.int64), h))),
             DS: pa.array(ticks, pa.int64()).cast(self.storage).cast(spec.time_type),
@@ -221,9 +290,7 @@ class Scorer:
         for j, c in enumerate(spec.channels):
             cols[c] = pa.array(values[:, :, j].reshape(-1), pa.float32())
         for label in spec.labels:
-            bands = [f.intervals[label] for f in forecasts if f.intervals is not None]
-            lo = np.stack([b[0] for b in bands])  # [k, h, C]
-            hi = np.stack([b[1] for b in bands])
+            lo, hi = bands[label]  # [k, h, C]
             for j, c in enumerate(spec.channels):
                 cols[f"{c}-lo-{label}"] = pa.array(lo[:, :, j].reshape(-1), pa.float32())
                 cols[f"{c}-hi-{label}"] = pa.array(hi[:, :, j].reshape(-1), pa.float32())

@@ -63,6 +63,31 @@ class _Prepared:
     axis: TimeAxis | None
 
 
+@dataclass(slots=True)
+class BlockForecast:
+    """`Predictor.forecast_block`'s answer: every window's forecast as one array."""
+
+    model: str
+    version: int
+    mode: Literal["fast", "accurate"]
+    provider: str
+    horizon: int
+    values: np.ndarray
+    """[N, h, C] float32."""
+    bands: dict[str, tuple[np.ndarray, np.ndarray]]
+    """Per level label (as `SeriesForecast.intervals` keys it): lower and upper, [N, h, C]."""
+    finite: np.ndarray
+    """[N] bool: False where the model gave no finite forecast (`nonfinite_error` says why)."""
+    label: str
+
+
+def nonfinite_error(label: str, field: str) -> InvalidInput:
+    """Finite inputs can still overflow float32 inside a model (a window statistic of values
+    near 1e38): say so, rather than answering with nulls."""
+    return InvalidInput(f"{label} gives no finite forecast for these values (too large in "
+                        "magnitude for float32 arithmetic)", field=field)
+
+
 class Predictor:
     def __init__(
         self,
@@ -246,6 +271,57 @@ class Predictor:
             inference_ms=compute_s * 1000.0,
         )
 
+    async def forecast_block(self, windows: np.ndarray, *, model: str | None,
+                             mode: Literal["fast", "accurate", "auto"], horizon: int | None,
+                             levels: list[float]) -> BlockForecast:
+        """Many windows of one shape, [N, L, C] float32 with L >= the model's lookback, in one
+        call: the same model choice, checks, session call, intervals and finiteness test as
+        `forecast`, with no per-series Python (what the batch job scores whole blocks with).
+        A check that fails raises for the whole block; a window the model gives no finite
+        forecast for is flagged in `finite`."""
+        req = ForecastRequest([], model, mode, horizon, levels)
+        n, length, channels = windows.shape
+        served = await self._choose(req, n)
+        with served.use():
+            h = self._check_horizon(req, served)
+            level_rows = self._check_levels(req, served, h)
+            if served.channels is not None and channels != served.channels:
+                raise InvalidInput(f"{channels} channels, {served.label} expects "
+                                   f"{served.channels}", field="values")
+            if length < served.lookback:
+                raise InvalidInput(f"{length} points, {served.label} needs at least its "
+                                   f"lookback {served.lookback}", field="values")
+            x = windows[:, length - served.lookback :]
+            if n:
+                y, _ = await served.batcher.submit(x)
+            else:
+                y = np.zeros((0, h, channels), np.float32)
+        yh, bands, finite = self._outputs(served, x, y, h, level_rows)
+        return BlockForecast(
+            model=served.name, version=served.version,
+            mode="accurate" if served.kind == "ensemble" else "fast",
+            provider=served.provider, horizon=h, values=yh,
+            bands={f"{level:g}": band for level, band in zip(levels, bands, strict=True)},
+            finite=finite, label=served.label,
+        )
+
+    @staticmethod
+    def _outputs(served: ServedModel, x: np.ndarray, y: np.ndarray, horizon: int,
+                 level_rows: list[int]
+                 ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        """(forecasts [B, h, C], per level its (lower, upper) [B, h, C], [B] all finite)."""
+        yh = y[:, :horizon]  # [B, h, C]
+        bands = []
+        if level_rows:
+            assert served.calibration is not None
+            with np.errstate(over="ignore", invalid="ignore"):
+                bands = served.calibration.bands(yh, window_scale(x), level_rows)
+        # (isfinite never warns.)
+        finite = np.isfinite(yh).all(axis=(1, 2))
+        for lo, hi in bands:
+            finite &= np.isfinite(lo).all(axis=(1, 2)) & np.isfinite(hi).all(axis=(1, 2))
+        return yh, bands, finite
+
     @staticmethod
     def _worst(timing: Timing, queue_s: float, compute_s: float) -> tuple[float, float]:
         return max(queue_s, timing.queue_s), max(compute_s, timing.compute_s)
@@ -262,25 +338,13 @@ class Predictor:
         results: list[SeriesForecast | SeriesFailure | None],
         partial: bool,
     ) -> None:
-        yh = y[:, :horizon]  # [B, h, C]
-        bands = []
-        if level_rows:
-            assert served.calibration is not None
-            with np.errstate(over="ignore", invalid="ignore"):
-                bands = served.calibration.bands(yh, window_scale(x), level_rows)
-        # Finite inputs can still overflow float32 inside a model (a window statistic of values
-        # near 1e38): say so, rather than answering 200 with nulls. (isfinite never warns.)
-        finite = np.isfinite(yh).all(axis=(1, 2))
-        for lo, hi in bands:
-            finite &= np.isfinite(lo).all(axis=(1, 2)) & np.isfinite(hi).all(axis=(1, 2))
+        yh, bands, finite = self._outputs(served, x, y, horizon, level_rows)
         labels = [f"{level:g}" for level in req.levels]
         for b, p in enumerate(group):
             s = req.series[p.index]
             assert isinstance(s, SeriesInput)
             if not finite[b]:
-                error = InvalidInput(
-                    f"{served.label} gives no finite forecast for these values (too large in "
-                    "magnitude for float32 arithmetic)", field=s.at("values"))
+                error = nonfinite_error(served.label, s.at("values"))
                 if not partial:
                     raise error
                 results[p.index] = SeriesFailure(s.id, error)

@@ -379,6 +379,33 @@ def test_a_block_scored_again_replaces_its_own_file(registry: Path, tmp_path: Pa
     assert report["scored"] == [0, 0, 0] and not list((tmp_path / "none").iterdir())
 
 
+def test_a_block_of_full_windows_scores_as_series_by_series_would(registry: Path) -> None:
+    """Full-lookback windows go through `Predictor.forecast_block` in one call; the answer -
+    forecasts, interval bands, the failures already known and the windows the model gives no
+    finite forecast for - is exactly what the series-by-series path gives."""
+    spec = ScoreSpec(str(registry), NAME, 1, "fast", HORIZON, (80.0, 95.0), tuple(CHANNELS),
+                     pa.string(), pa.int64(), CPU_ONLY)
+    rng = np.random.default_rng(3)
+    windows = [rng.standard_normal(7 * LOOKBACK).astype(np.float32) for _ in range(6)]
+    windows[4] = np.where(np.arange(7 * LOOKBACK) % 2, 3e38, -3e38).astype(np.float32)
+    reasons = [None, "missing ds within the model window", None, None, None, None]
+    batch = pa.table({
+        "unique_id": [f"s{i}" for i in range(6)],
+        "values": pa.array([w.tolist() for w in windows], pa.large_list(pa.float32())),
+        "last": pa.array(np.arange(6) * 10, pa.int64()), "step": pa.array([1] * 6, pa.int64()),
+        "reason": pa.array(reasons, pa.string()),
+    })
+    scorer = Scorer(spec)
+    assert scorer._block(batch) is not None  # the one-call path is the one taken
+    out, failures = scorer.score(batch)
+    series_out, series_failures = scorer._score_series(batch)
+    assert out.equals(series_out)
+    assert failures.equals(series_failures)
+    assert failures["unique_id"].to_pylist() == ["s1", "s4"]
+    assert "no finite forecast" in failures["reason"][1].as_py()
+    assert out.num_rows == 4 * HORIZON and out.schema == spec.output_schema()
+
+
 # -- bad command lines: a clear message and exit status 2, before Ray starts ---------------------
 
 
