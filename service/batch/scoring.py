@@ -2,9 +2,11 @@
 
 Each actor builds the service's `ModelPool` over a `PinnedRegistry` (so it loads exactly the
 pinned version: one ONNX Runtime session, or one per ensemble member) and a `Predictor`, and sends
-every batch of windows through `Predictor.forecast(..., partial=True)`: the same window checks
-(lookback, channel count), the same session call, ensemble mean and conformal intervals as
-POST /v1/forecast/batch. Only the time axis is computed here, vectorised (last + k * step).
+every batch of windows through it: a batch of lookback-long windows in one
+`Predictor.forecast_block` call, any other series by series through
+`Predictor.forecast(..., partial=True)`. Either way the same window checks (lookback, channel
+count), the same session call, ensemble mean and conformal intervals as POST
+/v1/forecast/batch. Only the time axis is computed here, vectorised (last + k * step).
 """
 
 from __future__ import annotations
