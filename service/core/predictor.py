@@ -25,6 +25,7 @@ from service.core.modes import Key, Selector, ensemble_among, group_version_of, 
 from service.core.pool import ModelPool
 from service.core.timeaxis import TimeAxis, from_start, from_timestamps
 from service.core.types import (
+    Answered,
     ForecastRequest,
     ForecastResult,
     SeriesFailure,
@@ -64,14 +65,9 @@ class _Prepared:
 
 
 @dataclass(slots=True)
-class BlockForecast:
+class BlockForecast(Answered):
     """`Predictor.forecast_block`'s answer: every window's forecast as one array."""
 
-    model: str
-    version: int
-    mode: Literal["fast", "accurate"]
-    provider: str
-    horizon: int
     values: np.ndarray
     """[N, h, C] float32."""
     bands: dict[str, tuple[np.ndarray, np.ndarray]]

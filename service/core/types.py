@@ -61,12 +61,18 @@ class SeriesFailure:
 
 
 @dataclass(slots=True)
-class ForecastResult:
+class Answered:
+    """What every forecast answer says first: the model version that made it, where it ran."""
+
     model: str
     version: int
     mode: Literal["fast", "accurate"]
     provider: str
     horizon: int
+
+
+@dataclass(slots=True)
+class ForecastResult(Answered):
     results: list[SeriesForecast | SeriesFailure]
     queue_ms: float = 0.0
     inference_ms: float = 0.0
