@@ -29,6 +29,7 @@ validation MSE, epochs, budget and run folder; ``report`` writes ``bench/results
     python bench/students.py run --time-limit 9000
     python bench/students.py run --stages peers --datasets ETTh1 --horizons 96
     python bench/students.py report
+    python bench/students.py status     # seeds recorded per cell; cells waiting on teachers
 
 Runs resume from their folder (``--work``, default ``runs/students``); a run with a record is
 skipped; ``--time-limit`` stops between epochs, and the next invocation continues.
@@ -563,6 +564,36 @@ def write_report(results: Path = RESULTS) -> int:
     return 0
 
 
+def status(results: Path, teacher_results: Path) -> str:
+    """Per cell: the seeds each model has a record for, and whether the cell's students can run
+    (they need its teacher ensembles: `bench/teachers.py` records with model "ensemble")."""
+    records = load_records(results / RECORDS)
+    teachers = load_records(teacher_results)
+    models = ("student", "ensemble", "mlp", *PEER_NAMES)
+    lines = ["records (seeds done; students, ensembles and mlp need 3, peers 1):"]
+    blocked: list[str] = []
+    for c in (Cell(d, h) for h in HORIZONS for d in DATASETS):
+        done = {m: sorted({r["seed"] for r in records if _is(r, c, m)}) for m in models}
+        extra = ""
+        if c in ABLATION_CELLS:
+            extra = ", ablations " + "/".join(
+                str(len({r["seed"] for r in records if _is(r, c, m)})) for m in ABLATIONS)
+        lines.append(f"  {c.dataset}-{c.horizon}: "
+                     + ", ".join(f"{m} {len(seeds)}" for m, seeds in done.items()) + extra)
+        ensembles = sorted({r["seed"] for r in teachers
+                            if (r["dataset"], r["horizon"], r["model"])
+                            == (c.dataset, c.horizon, "ensemble")})
+        if len(ensembles) < len(SEEDS):
+            hint = ("" if c.horizon in (96, 336) else
+                    f" (python bench/teachers.py run --horizons {c.horizon} --inits pretrained "
+                    "--stages finetune,ensemble)")
+            blocked.append(f"  {c.dataset}-{c.horizon}: teacher ensembles for seeds {ensembles} "
+                           f"of {list(SEEDS)}{hint}")
+    lines.append("waiting on teachers (students, ensemble records):" if blocked
+                 else "every cell's teacher ensembles exist")
+    return "\n".join(lines + blocked)
+
+
 def _is(r: dict[str, Any], c: Cell, model: str) -> bool:
     return (r["dataset"], r["horizon"], r["model"]) == (c.dataset, c.horizon, model)
 
@@ -601,6 +632,11 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="bench/results/students.md")
     rep.add_argument("--results", type=Path, default=RESULTS)
     rep.set_defaults(handler=lambda a: write_report(a.results))
+    st = sub.add_parser("status", help="what is recorded per cell, and what waits on teachers")
+    st.add_argument("--results", type=Path, default=RESULTS)
+    st.add_argument("--teacher-results", type=Path, default=None)
+    st.set_defaults(handler=lambda a: print(status(
+        a.results, a.teacher_results or a.results / TEACHER_RECORDS)) or 0)
     a = p.parse_args(argv)
     if a.command == "run":
         for stage in a.stages:

@@ -154,3 +154,20 @@ def test_students_second_invocation_has_nothing_left_and_the_report_has_every_ro
     row = next(line for line in text.splitlines() if line.startswith("| ETTh1-96 | "))
     assert row.count("(2)") == 3 and row.endswith("| 0.370 | 0.375 |")  # student, ensemble, mlp
     assert "| ETTh1-96 | ours | 720 |" in text
+
+
+def test_students_status_counts_seeds_and_names_the_cells_waiting_on_teachers(
+    students: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import students as sbench
+
+    results, _ = students
+    assert sbench.main(["status", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "ETTh1-96: student 2, ensemble 2, mlp 2, nf-dlinear 0, nf-patchtst 0" in out
+    assert "ablations " in out
+    # the smoke queue trained seeds 0-1 of ETTh1-96 only: that cell still lacks seed 2's
+    # ensemble, and the students' extra horizons say how to train theirs
+    assert "ETTh1-96: teacher ensembles for seeds [0, 1] of [0, 1, 2]" in out
+    assert "ETTh2-720: teacher ensembles for seeds [] of [0, 1, 2] (python bench/teachers.py " \
+           "run --horizons 720 --inits pretrained --stages finetune,ensemble)" in out
