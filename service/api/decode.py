@@ -164,7 +164,7 @@ _ROWS_FORECAST = msgspec.json.Decoder(
     # type at run time
     _rows_struct(ForecastWire, list[_ROWS_SERIES], "RowsForecastWire")  # type: ignore[valid-type]
 )
-_OPEN, _CLOSE, _COMMA = ord("["), ord("]"), ord(",")
+_OPEN, _COMMA = ord("["), ord(",")
 _parsers = threading.local()
 
 
@@ -204,7 +204,7 @@ def json_rows_window(text: msgspec.Raw) -> np.ndarray | None:
     if opens.size != rows + 1:
         return None
     commas = np.add.reduceat(chars == _COMMA, opens[1:], dtype=np.intp)
-    if commas[-1] != width - 1 or (rows > 1 and not (commas[:-1] == width).all()):
+    if commas[-1] != width - 1 or not (commas[:-1] == width).all():
         return None
     with np.errstate(over="ignore", invalid="ignore"):
         out = flat.astype(np.float32).reshape(rows, width)
