@@ -77,6 +77,10 @@ class BlockForecast(Answered):
     label: str
 
 
+def _mode_of(served: ServedModel) -> Literal["fast", "accurate"]:
+    return "accurate" if served.kind == "ensemble" else "fast"
+
+
 def nonfinite_error(label: str, field: str) -> InvalidInput:
     """Finite inputs can still overflow float32 inside a model (a window statistic of values
     near 1e38): say so, rather than answering with nulls."""
@@ -190,18 +194,22 @@ class Predictor:
         return served.calibration.check_levels(req.levels, horizon)
 
     @staticmethod
-    def _prepare(index: int, s: SeriesInput, served: ServedModel, horizon: int) -> _Prepared:
-        n, channels = s.values.shape
+    def _check_shape(served: ServedModel, n: int, channels: int, field: str) -> None:
+        """A window of `n` points and `channels` channels fits `served`, or InvalidInput."""
         if served.channels is not None and channels != served.channels:
             raise InvalidInput(
-                f"{channels} channels, {served.label} expects {served.channels}",
-                field=s.at("values"),
+                f"{channels} channels, {served.label} expects {served.channels}", field=field
             )
         if n < served.lookback:
             raise InvalidInput(
                 f"{n} points, {served.label} needs at least its lookback {served.lookback}",
-                field=s.at("values"),
+                field=field,
             )
+
+    @staticmethod
+    def _prepare(index: int, s: SeriesInput, served: ServedModel, horizon: int) -> _Prepared:
+        n, channels = s.values.shape
+        Predictor._check_shape(served, n, channels, s.at("values"))
         axis: TimeAxis | None = None
         if s.timestamps is not None:
             axis = from_timestamps(s.timestamps, n, s.at("timestamps"), s.freq, s.at("freq"))
@@ -259,7 +267,7 @@ class Predictor:
         return ForecastResult(
             model=served.name,
             version=served.version,
-            mode="accurate" if served.kind == "ensemble" else "fast",
+            mode=_mode_of(served),
             provider=served.provider,
             horizon=horizon,
             results=results,  # type: ignore[arg-type]  # every slot is filled by now
@@ -281,12 +289,7 @@ class Predictor:
         with served.use():
             h = self._check_horizon(req, served)
             level_rows = self._check_levels(req, served, h)
-            if served.channels is not None and channels != served.channels:
-                raise InvalidInput(f"{channels} channels, {served.label} expects "
-                                   f"{served.channels}", field="values")
-            if length < served.lookback:
-                raise InvalidInput(f"{length} points, {served.label} needs at least its "
-                                   f"lookback {served.lookback}", field="values")
+            self._check_shape(served, length, channels, "values")
             x = windows[:, length - served.lookback :]
             if n:
                 y, _ = await served.batcher.submit(x)
@@ -295,8 +298,7 @@ class Predictor:
         yh, bands, finite = self._outputs(served, x, y, h, level_rows)
         return BlockForecast(
             model=served.name, version=served.version,
-            mode="accurate" if served.kind == "ensemble" else "fast",
-            provider=served.provider, horizon=h, values=yh,
+            mode=_mode_of(served), provider=served.provider, horizon=h, values=yh,
             bands={f"{level:g}": band for level, band in zip(levels, bands, strict=True)},
             finite=finite, label=served.label,
         )
