@@ -48,6 +48,27 @@ def test_the_script_without_a_gpu_exits_2_before_any_venv_or_download(tmp_path: 
     assert _stat(RESULT) == before
 
 
+def test_an_install_that_fails_offline_says_why_and_writes_nothing(tmp_path: Path) -> None:
+    """A GPU machine with no package index (as lent GPU machines are) and no wheels in
+    GPU_WHEELS: the script stops with exit code 3 and says how to install offline. (A stand-in
+    nvidia-smi listing one GPU gets it past the GPU check.)"""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    smi = tools / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: stand-in (UUID: GPU-0)'\n")
+    smi.chmod(0o755)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()  # empty: nothing to install from
+    before = _stat(RESULT)
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}",
+           "GPU_VENV": str(tmp_path / "venv"), "GPU_WHEELS": str(wheels)}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "could not install onnxruntime-gpu" in proc.stderr and "GPU_WHEELS=DIR" in proc.stderr
+    assert _stat(RESULT) == before
+
+
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA here")
 def test_the_driver_refuses_an_unavailable_provider_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
