@@ -184,9 +184,10 @@ class Scorer:
         return series
 
     def _block(self, batch: pa.Table) -> tuple[np.ndarray, list[int], list[int], list[str]] | None:
-        """The scorable windows as one [k, lookback, C] view (no copy), their rows, and the
-        rows that already carry a reason, with it; None when some window without a reason is
-        not exactly the model's lookback (the per-series path then explains it)."""
+        """The scorable windows as one [k, lookback, C] array (a view of the block when no row
+        carries a reason), their rows, and the rows that already carry a reason, with it; None
+        when some window without a reason is not exactly the model's lookback (the per-series
+        path then explains it)."""
         c, lookback = len(self.spec.channels), self.lookback
         values = batch.column("values").combine_chunks()
         offsets = values.offsets.to_numpy()
