@@ -580,9 +580,7 @@ def status(results: Path, teacher_results: Path) -> str:
                 str(len({r["seed"] for r in records if _is(r, c, m)})) for m in ABLATIONS)
         lines.append(f"  {c.dataset}-{c.horizon}: "
                      + ", ".join(f"{m} {len(seeds)}" for m, seeds in done.items()) + extra)
-        ensembles = sorted({r["seed"] for r in teachers
-                            if (r["dataset"], r["horizon"], r["model"])
-                            == (c.dataset, c.horizon, "ensemble")})
+        ensembles = sorted({r["seed"] for r in teachers if _is(r, c, "ensemble")})
         if len(ensembles) < len(SEEDS):
             hint = ("" if c.horizon in (96, 336) else
                     f" (python bench/teachers.py run --horizons {c.horizon} --inits pretrained "

@@ -235,12 +235,8 @@ class Scorer:
             bands = {k: (lo[keep], hi[keep]) for k, (lo, hi) in result.bands.items()}
         else:
             values, bands = result.values, result.bands
-        order = np.argsort(failed, kind="stable")
-        failures = pa.table(
-            {ID: batch.column(ID).take(pa.array(np.asarray(failed, np.int64)[order])),
-             "reason": pa.array([reasons[i] for i in order.tolist()], pa.string())},
-            schema=failure_schema(spec.id_type),
-        )
+        order = np.argsort(failed, kind="stable").tolist()
+        failures = self._failures(batch, [failed[i] for i in order], [reasons[i] for i in order])
         return self._table(batch, values, bands, ok, result.horizon), failures
 
     def _score_series(self, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -260,11 +256,7 @@ class Scorer:
             else:
                 failed.append(i)
                 reasons.append(r.error.message)
-        failures = pa.table(
-            {ID: batch.column(ID).take(pa.array(failed, pa.int64())),
-             "reason": pa.array(reasons, pa.string())},
-            schema=failure_schema(spec.id_type),
-        )
+        failures = self._failures(batch, failed, reasons)
         if not forecasts:
             return self.spec.output_schema().empty_table(), failures
         values = np.stack([f.values for f in forecasts])  # [k, h, C]
@@ -273,6 +265,12 @@ class Scorer:
             pairs = [f.intervals[label] for f in forecasts if f.intervals is not None]
             bands[label] = (np.stack([lo for lo, _ in pairs]), np.stack([hi for _, hi in pairs]))
         return self._table(batch, values, bands, ok, result.horizon), failures
+
+    def _failures(self, batch: pa.Table, rows: list[int], reasons: list[str]) -> pa.Table:
+        """The failures table (`failure_schema`): the ids of batch `rows`, with their reasons."""
+        return pa.table({ID: batch.column(ID).take(pa.array(rows, pa.int64())),
+                         "reason": pa.array(reasons, pa.string())},
+                        schema=failure_schema(self.spec.id_type))
 
     def _table(self, batch: pa.Table, values: np.ndarray,
                bands: dict[str, tuple[np.ndarray, np.ndarray]], ok: list[int], h: int

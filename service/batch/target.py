@@ -27,6 +27,7 @@ from service.core.modes import (
     ensemble_among,
     group_name,
     group_version_of,
+    mode_of,
     no_group,
     route,
 )
@@ -57,7 +58,7 @@ class Target:
     @property
     def mode(self) -> JobMode:
         """The request mode that serves exactly this version."""
-        return "accurate" if self.is_ensemble else "fast"
+        return mode_of(self.manifest.kind)
 
 
 def _resolve(store: FilesystemStore, ref: str) -> tuple[str, int]:

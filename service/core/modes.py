@@ -35,6 +35,12 @@ class NoEnsemble(ModelNotFound):
     """mode accurate on a student whose `NAME-ensemble` does not exist."""
 
 
+def mode_of(kind: str) -> Literal["fast", "accurate"]:
+    """The request mode that serves exactly a version of this kind (ensembles answer accurate,
+    students fast)."""
+    return "accurate" if kind == "ensemble" else "fast"
+
+
 def group_name(student: str) -> str:
     """The teacher ensemble's name for a student (`etth1-h96` -> `etth1-h96-ensemble`)."""
     return student + ENSEMBLE_SUFFIX

@@ -21,7 +21,15 @@ from service.core.batcher import Timing
 from service.core.errors import InvalidInput, ModelNotFound, ServiceError
 from service.core.intervals import window_scale
 from service.core.models import ServedModel
-from service.core.modes import Key, Selector, ensemble_among, group_version_of, no_group, route
+from service.core.modes import (
+    Key,
+    Selector,
+    ensemble_among,
+    group_version_of,
+    mode_of,
+    no_group,
+    route,
+)
 from service.core.pool import ModelPool
 from service.core.timeaxis import TimeAxis, from_start, from_timestamps
 from service.core.types import (
@@ -75,10 +83,6 @@ class BlockForecast(Answered):
     finite: np.ndarray
     """[N] bool: False where the model gave no finite forecast (`nonfinite_error` says why)."""
     label: str
-
-
-def _mode_of(served: ServedModel) -> Literal["fast", "accurate"]:
-    return "accurate" if served.kind == "ensemble" else "fast"
 
 
 def nonfinite_error(label: str, field: str) -> InvalidInput:
@@ -267,7 +271,7 @@ class Predictor:
         return ForecastResult(
             model=served.name,
             version=served.version,
-            mode=_mode_of(served),
+            mode=mode_of(served.kind),
             provider=served.provider,
             horizon=horizon,
             results=results,  # type: ignore[arg-type]  # every slot is filled by now
@@ -298,7 +302,7 @@ class Predictor:
         yh, bands, finite = self._outputs(served, x, y, h, level_rows)
         return BlockForecast(
             model=served.name, version=served.version,
-            mode=_mode_of(served), provider=served.provider, horizon=h, values=yh,
+            mode=mode_of(served.kind), provider=served.provider, horizon=h, values=yh,
             bands={f"{level:g}": band for level, band in zip(levels, bands, strict=True)},
             finite=finite, label=served.label,
         )
