@@ -52,6 +52,7 @@ from training.config import build_run_config, default_config_path  # noqa: E402
 from training.data import prepare  # noqa: E402
 from training.distill import DistillConfig  # noqa: E402
 from training.distill_teachers import load_teachers, score_teachers  # noqa: E402
+from training.loop import resolve_device  # noqa: E402
 from training.pretrain import (  # noqa: E402
     FinetuneRunConfig,
     build_pretrain_config,
@@ -211,6 +212,7 @@ def _data(a: argparse.Namespace, c: Cell) -> dict[str, Any]:
 def _train(a: argparse.Namespace, budget: Budget, seed: int, **extra: Any) -> dict[str, Any]:
     return {
         "threads": a.threads,
+        "device": a.device,
         "progress": not a.no_progress,
         "seed": seed,
         "time_limit_s": budget.left(),
@@ -227,6 +229,7 @@ def pretrain_one(a: argparse.Namespace, budget: Budget, method: str, dataset: st
         data={"dataset": dataset, "data_dir": str(a.data_dir), "lookback": LOOKBACK},
         pretrain={
             "threads": a.threads,
+            "device": a.device,
             "progress": not a.no_progress,
             "time_limit_s": budget.left(),
             **(SMOKE_PRETRAIN if a.smoke else {}),
@@ -283,6 +286,7 @@ def finetune_one(
         "max_train_batches": run.train.max_train_batches,
         "val_mse": round(fit.val["mse"], 5),
         "protocol": protocol,
+        "device": resolve_device(a.device).type,
         "budget": {
             "pretrain": {
                 k: pre.get(k)
@@ -339,6 +343,7 @@ def supervised_one(
         "finetune_seconds": round(fit.train_seconds, 1),
         "max_train_batches": run.train.max_train_batches,
         "val_mse": round(fit.val["mse"], 5),
+        "device": resolve_device(a.device).type,
         "budget": {
             "finetune": {
                 k: getattr(run.train, k)
@@ -820,6 +825,12 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--data-dir", type=Path, default=DATA_DIR)
         q.add_argument("--work", type=Path, default=WORK)
         q.add_argument("--threads", type=int, default=2)
+        q.add_argument(
+            "--device",
+            default="cpu",
+            help="cpu, cuda, cuda:N or auto; each record says where it trained (records "
+            "without the field trained on the CPU)",
+        )
         q.add_argument("--time-limit", type=float, default=None, help="seconds for this invocation")
         q.add_argument("--no-progress", action="store_true")
         q.add_argument("--results", type=Path, default=RESULTS, help="where the records go")

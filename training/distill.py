@@ -263,6 +263,10 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
     """Train the student against the teachers; writes ``best.safetensors`` and ``run.json``."""
     run, dcfg = cfg.run, cfg.distill
     train_cfg = run.train
+    if train_cfg.device != "cpu":  # teachers and their cached outputs live on the CPU
+        raise ValueError(
+            f"train.device: distillation trains on the CPU only, got {train_cfg.device!r}"
+        )
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     data = prepare(run.data)

@@ -219,7 +219,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         result = fit(
             model,
             shard,
-            cfg.train,
+            replace(cfg.train, device=str(device)),  # Ray placed the replica; keep it there
             local,
             loss_fn=step,
             run_info={**config["info"], "workers": world},

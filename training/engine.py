@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from training.data import PreparedData, Scaler, WindowSet
-from training.loop import LoopResult, ParamGroup, Step, TrainConfig, run_loop
+from training.loop import LoopResult, ParamGroup, Step, TrainConfig, resolve_device, run_loop
 
 BEST_FILE = "best.safetensors"
 
@@ -33,7 +33,7 @@ class FitResult:
     train_seconds: float
     val: dict[str, float]  # empty when the run stopped on purpose before its schedule ended
     test: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = True
 
     def summary(self) -> dict[str, Any]:
@@ -137,6 +137,7 @@ def fit(
     optimiser step.
     """
     trainable = trainable if trainable is not None else model
+    model.to(resolve_device(cfg.device))  # run_loop moves ``trainable``; validation uses ``model``
     mse = nn.MSELoss()
     step: Step = loss_fn or (lambda x, y: (mse(model(x), y), {}))
     val = data.splits["val"]

@@ -68,11 +68,15 @@ class TrainConfig:
     stop_after_epochs: int | None = None  # epochs to run in this invocation
     time_limit_s: float | None = None  # stop after the epoch during which this much time passed
     progress: bool = True
+    # Where the module trains: "cpu", "cuda", "cuda:N" or "auto" (a GPU when torch sees one).
+    # Not part of the schedule: a run may resume on another device (its CUDA RNG state is not
+    # kept, so a resumed GPU run is not bit-exact with an uninterrupted one; CPU runs are).
+    device: str = "cpu"
 
 
 # Fields that do not change the weights a run produces: a resumed run may differ in them.
 NON_SCHEDULE_FIELDS = frozenset(
-    {"threads", "progress", "eval_batch_size", "stop_after_epochs", "time_limit_s"}
+    {"threads", "progress", "eval_batch_size", "stop_after_epochs", "time_limit_s", "device"}
 )
 
 
@@ -89,6 +93,23 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or inter-op work already started in this process
         pass
+
+
+def resolve_device(name: str) -> torch.device:
+    """``TrainConfig.device`` as a torch device; a clear error for a GPU torch cannot see."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device: {name!r} is not a device (cpu, cuda, cuda:N or auto)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device: {name!r} asked for, but this torch sees no GPU (use cpu or auto)"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {name!r} is not supported (cpu, cuda, cuda:N or auto)")
+    return device
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -138,7 +159,7 @@ class LoopResult:
     best_val: float
     epochs_run: int
     seconds: float
-    history: list[dict[str, float]]
+    history: list[dict[str, Any]]
     finished: bool  # False when the run stopped on purpose before its schedule ended
 
 
@@ -149,7 +170,7 @@ class _State:
     best_epoch: int = 0
     bad_epochs: int = 0
     elapsed: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
 
 
@@ -201,6 +222,7 @@ def train_epoch(
     generator: torch.Generator,
     desc: str,
     after_step: Callable[[], None] | None = None,
+    device: torch.device | None = None,
 ) -> EpochStats:
     """One epoch: set each group's scheduled lr, shuffle (and cap) the batches, optimise."""
     for pg, group in zip(optim.param_groups, groups, strict=True):
@@ -227,6 +249,8 @@ def train_epoch(
         if len(index) < 2:  # BatchNorm cannot train on a single row
             continue
         x, y = train.batch(index)  # [B, L, C], [B, H, C]
+        if device is not None and device.type != "cpu":
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optim.zero_grad(set_to_none=True)
         loss, parts = step(x, y)
         if not torch.isfinite(loss):
@@ -275,6 +299,8 @@ def run_loop(
     ``cfg.seed`` (or restored from ``last.pt``).
     """
     set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    module.to(device)  # before the optimiser: its state lives beside the parameters
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / LAST_FILE, out_dir / best_file
     optim = torch.optim.Adam(
@@ -283,7 +309,7 @@ def run_loop(
     generator = torch.Generator().manual_seed(cfg.seed)
     state = _State()
     if resume and last_path.exists():
-        saved = torch.load(last_path, weights_only=True)
+        saved = torch.load(last_path, weights_only=True, map_location="cpu")
         module.load_state_dict(saved["module"])
         optim.load_state_dict(saved["optim"])
         _set_rng_states(saved["rng"], generator)
@@ -330,14 +356,18 @@ def run_loop(
             break
         t0 = time.perf_counter()
         module.train()
-        stats = train_epoch(train, cfg, epoch, optim, groups, step, generator, desc, after_step)
+        stats = train_epoch(
+            train, cfg, epoch, optim, groups, step, generator, desc, after_step, device
+        )
         val = validate()
         state.elapsed += time.perf_counter() - t0
         state.epoch, ran = epoch + 1, ran + 1
         improved = val < state.best_val
         if improved:
             state.best_val, state.best_epoch, state.bad_epochs = val, epoch + 1, 0
-            save_file({k: v.contiguous() for k, v in best_weights().items()}, best_path)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in best_weights().items()}, best_path
+            )
         else:
             state.bad_epochs += 1
         state.history.append(
@@ -347,6 +377,7 @@ def run_loop(
                 "train_loss": stats.loss,
                 val_name: val,
                 "seconds": round(state.elapsed, 2),
+                "device": device.type,  # where this epoch trained (a run may resume elsewhere)
                 **stats.parts,
             }
         )
@@ -378,7 +409,7 @@ def run_loop(
         if after_epoch is not None:
             after_epoch(result())
     if state.finished and last_path.exists():
-        saved = torch.load(last_path, weights_only=True)
+        saved = torch.load(last_path, weights_only=True, map_location="cpu")
         if not saved["finished"]:
             saved["finished"] = True
             _atomic_save(saved, last_path)
@@ -395,6 +426,7 @@ __all__ = [
     "Step",
     "TrainConfig",
     "lr_at",
+    "resolve_device",
     "run_loop",
     "schedule_of",
     "seed_everything",

@@ -188,13 +188,14 @@ def pretext_val_loss(
     take = n if max_windows is None else min(n, max_windows)
     index = torch.linspace(0, n - 1, take).round().long().unique()
     pretrainer.eval()
+    device = next(pretrainer.parameters()).device
     total, seen = 0.0, 0
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed + 1)
         for batch in index.split(cfg.eval_batch_size):
             if len(batch) < 2:
                 continue
-            loss, _ = pretrainer(windows.batch(batch)[0])
+            loss, _ = pretrainer(windows.batch(batch)[0].to(device))
             total += float(loss) * len(batch)
             seen += len(batch)
     return total / max(seen, 1)
