@@ -62,6 +62,7 @@ from bench.teachers import (  # noqa: E402
 from bench.teachers import RECORDS as TEACHER_RECORDS  # noqa: E402
 from training.config import build_run_config, default_config_path  # noqa: E402
 from training.distill import build_distill_config, run_distill  # noqa: E402
+from training.loop import resolve_device  # noqa: E402
 from training.train import run_train  # noqa: E402
 
 log = logging.getLogger("bench.students")
@@ -171,6 +172,7 @@ def _data(a: argparse.Namespace, c: Cell, lookback: int) -> dict[str, Any]:
 def _train(a: argparse.Namespace, budget: Budget, seed: int) -> dict[str, Any]:
     return {
         "threads": a.threads,
+        "device": a.device,
         "progress": not a.no_progress,
         "seed": seed,
         "time_limit_s": budget.left(),
@@ -231,6 +233,7 @@ def distill_one(
         "alpha": res.alpha,
         "beta": res.beta,
         "weighting": res.weighting,
+        "device": resolve_device(a.device).type,
         "teachers": [_rel(Path(_path(m))) for m in ens["members"]],
         "budget": {"train": _budget(cfg.run.train), "distill": _distill_budget(cfg.distill)},
         "run": _rel(out),
@@ -276,6 +279,7 @@ def mlp_one(
         "val_mse": round(fit.val["mse"], 5),
         "epochs": fit.epochs_run,
         "best_epoch": fit.best_epoch,
+        "device": resolve_device(a.device).type,
         "budget": {"train": _budget(run.train)},
         "run": _rel(out),
     }
@@ -395,7 +399,7 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:  # noqa: C90
                 if stage in ("student", "ablation"):
                     if lookback is None or form is None or ensemble_of(a, c, seed) is None:
                         continue
-                    models = ["student"] if stage == "student" else list(ABLATIONS)
+                    models = ["student"] if stage == "student" else list(a.ablations)
                     if form == "authors":  # the authors' loss is the chosen form already
                         models = [m for m in models if m != "student-authors-loss"]
                     for m in models:
@@ -613,9 +617,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     runp.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
     runp.add_argument("--peers", type=lambda t: tuple(t.split(",")), default=PEER_NAMES)
+    runp.add_argument(
+        "--ablations", type=lambda t: tuple(t.split(",")), default=tuple(ABLATIONS),
+        help="the ablation stage's variants (default: all)",
+    )
     runp.add_argument("--data-dir", type=Path, default=DATA_DIR)
     runp.add_argument("--work", type=Path, default=WORK)
     runp.add_argument("--threads", type=int, default=2)
+    runp.add_argument(
+        "--device",
+        default="cpu",
+        help="students and mlp: cpu, cuda, cuda:N or auto (each record says where it trained); "
+        "the peers always train on the CPU",
+    )
     runp.add_argument("--time-limit", type=float, default=None, help="seconds for this invocation")
     runp.add_argument("--no-progress", action="store_true")
     runp.add_argument("--results", type=Path, default=RESULTS, help="where the records go")
@@ -646,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in a.peers:
             if n not in PEER_NAMES:
                 p.error(f"--peers: unknown peer {n!r}; choose from {', '.join(PEER_NAMES)}")
+        for n in a.ablations:
+            if n not in ABLATIONS:
+                p.error(f"--ablations: unknown variant {n!r}; choose from {', '.join(ABLATIONS)}")
         if a.teacher_results is None:
             a.teacher_results = a.results / TEACHER_RECORDS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

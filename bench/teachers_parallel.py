@@ -34,15 +34,16 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-import teachers as T  # noqa: E402
+from bench import students as S  # noqa: E402
+from bench import teachers as T  # noqa: E402
 
 log = logging.getLogger("bench.teachers_parallel")
 
@@ -55,6 +56,8 @@ class Job:
     needs: list[str] = field(default_factory=list)  # names of jobs that must succeed first
     run_dir: str | None = None  # the run folder it writes (for packing)
     priority: int = 0  # lower starts first
+    script: str = "teachers.py"  # or students.py
+    check: Callable[[], bool] | None = None  # did it finish its run (default: _finished)
     proc: subprocess.Popen[bytes] | None = None
     started: float | None = None
     ended: float | None = None
@@ -177,18 +180,85 @@ def plan(a: argparse.Namespace) -> list[Job]:
     return jobs
 
 
+def student_jobs(a: argparse.Namespace) -> list[Job]:
+    """The students' runs (``bench/students.py``) whose prerequisites are met now.
+
+    Priorities interleave with the teachers' (lower first): the teachers a cell waits on and the
+    choices come before the students, which come before the plain MLP and the ablations.
+    Re-planned while the queue runs: the form is chosen on ETTh1-96 (seed 0) before any other
+    cell's lookback is chosen, a cell's lookback (seed 0, validation) before its other seeds, its
+    ``mlp`` and its ablations run, and each needs its teacher ensemble's record.
+    """
+    ns = argparse.Namespace(
+        results=a.results,
+        teacher_results=a.results / T.RECORDS,
+        forms=tuple(S.FORMS),
+        lookbacks=S.LOOKBACKS,
+    )
+    form = S.chosen_form(ns)
+    students, choices = a.results / S.RECORDS, a.results / S.CHOICES
+    jobs: list[Job] = []
+
+    def job(name: str, stage: str, args: list[str], priority: int, **key: Any) -> None:
+        path = choices if stage == "choose" else students
+        if S.find(path, **key):
+            return
+        jobs.append(
+            Job(name, stage, ["--stages", stage, *args], priority=priority,
+                script="students.py", check=lambda: bool(S.find(path, **key)))
+        )  # fmt: skip
+
+    for horizon in a.student_horizons:
+        for dataset in a.datasets:
+            c = T.Cell(dataset, horizon)
+            where = ["--datasets", dataset, "--horizons", str(horizon)]
+            cell = {"dataset": dataset, "horizon": horizon}
+            if S.ensemble_of(ns, c, 0) is not None:
+                forms = tuple(S.FORMS) if c == S.FORM_CELL else ((form,) if form else ())
+                for f in forms:
+                    for lb in S.LOOKBACKS:
+                        job(f"choose {dataset}-{horizon} L{lb} {f}", "choose",
+                            [*where, "--seeds", "0", "--lookbacks", str(lb), "--forms", f],
+                            5, **cell, seed=0, lookback=lb, form=f)  # fmt: skip
+            lookback = S.chosen_lookback(ns, c)
+            for seed in a.seeds:
+                ens = S.ensemble_of(ns, c, seed)
+                one = [*where, "--seeds", str(seed)]
+                if ens is not None:
+                    job(f"ensemble-record {dataset}-{horizon} s{seed}", "ensemble", one, 0,
+                        **cell, seed=seed, model="ensemble")  # fmt: skip
+                if lookback is None or form is None:
+                    continue
+                job(f"mlp {dataset}-{horizon} s{seed}", "mlp", one, 22,
+                    **cell, seed=seed, model="mlp")  # fmt: skip
+                if ens is None:
+                    continue
+                job(f"student {dataset}-{horizon} s{seed}", "student", one, 12,
+                    **cell, seed=seed, model="student")  # fmt: skip
+                if c in S.ABLATION_CELLS:
+                    for m in S.ABLATIONS:
+                        if form == "authors" and m == "student-authors-loss":
+                            continue
+                        job(f"{m} {dataset}-{horizon} s{seed}", "ablation",
+                            [*one, "--ablations", m], 25, **cell, seed=seed, model=m)  # fmt: skip
+    return jobs
+
+
 def _command(a: argparse.Namespace, job: Job, time_left: float) -> list[str]:
+    work = a.student_work if job.script == "students.py" else a.work
     return [
-        sys.executable, str(REPO / "bench" / "teachers.py"), "run", *job.args,
+        sys.executable, str(REPO / "bench" / job.script), "run", *job.args,
         "--device", a.device, "--threads", str(a.threads), "--no-progress",
         "--time-limit", str(max(time_left, 1.0)),
-        "--data-dir", str(a.data_dir), "--work", str(a.work), "--results", str(a.results),
+        "--data-dir", str(a.data_dir), "--work", str(work), "--results", str(a.results),
         *(["--smoke"] if a.smoke else []),
     ]  # fmt: skip
 
 
 def _finished(a: argparse.Namespace, job: Job) -> bool:
     """Did the job's run reach its end (a record, or a finished encoder)?"""
+    if job.check is not None:
+        return job.check()
     if job.stage == "pretrain":
         method, dataset = job.name.split()[1:3]
         return T.pretrain_meta(a.work, method, dataset) is not None
@@ -206,7 +276,10 @@ def _finished(a: argparse.Namespace, job: Job) -> bool:
     return any(all(r.get(k) == v for k, v in want.items()) for r in records)
 
 
-def execute(a: argparse.Namespace, jobs: list[Job]) -> None:
+def execute(
+    a: argparse.Namespace, jobs: list[Job], replan: Callable[[], list[Job]] | None = None
+) -> None:
+    """Run ``jobs`` (and whatever ``replan()`` adds as records unlock it) ``a.jobs`` at a time."""
     started = time.monotonic()
     logs = a.logs
     logs.mkdir(parents=True, exist_ok=True)
@@ -230,6 +303,11 @@ def execute(a: argparse.Namespace, jobs: list[Job]) -> None:
                     j.ended - (j.started or 0.0),
                     rc,
                 )
+        if replan is not None:
+            for j in replan():
+                if j.name not in by_name:  # a job runs once per invocation, finished or not
+                    jobs.append(j)
+                    by_name[j.name] = j
         running = [j for j in jobs if j.proc is not None and j.rc is None]
         waiting = [
             j
@@ -294,6 +372,9 @@ def pack(a: argparse.Namespace, jobs: list[Job], dest: Path) -> dict[str, Any]:
     meta_files = [a.results / T.RECORDS, a.results / T.PROTOCOL_RECORDS]
     for d in touched:
         meta_files += [d / n for n in ("run.json", "pretrain.json") if (d / n).exists()]
+    meta_files += [a.results / S.RECORDS, a.results / S.CHOICES]
+    if a.student_work.exists():  # the students' run.json (their weights are rebuilt, not packed)
+        meta_files += sorted(a.student_work.glob("*/run.json"))
     meta_files += sorted(a.logs.glob("*.log")) if a.logs.exists() else []
     with tarfile.open(dest / "records.tar", "w") as tar:
         for f in meta_files:
@@ -400,6 +481,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pack", type=Path, default=None, help="folder for the packed results")
     p.add_argument("--pack-mb", type=float, default=60.0)
     p.add_argument("--part-mb", type=float, default=15.5)
+    p.add_argument(
+        "--students",
+        dest="student_horizons",
+        type=lambda t: tuple(int(h) for h in t.split(",")) if t else (),
+        default=(),
+        help="also run bench/students.py's distillations, mlp and ablations at these horizons "
+        "as their teachers' ensembles land (e.g. 96,192,336,720; the peers are left out)",
+    )
+    p.add_argument("--student-work", type=Path, default=S.WORK)
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     p.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
     a = p.parse_args(argv)
@@ -416,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("plan: %s%s", j.name, f" (after {', '.join(j.needs)})" if j.needs else "")
     if a.dry_run:
         return 0
-    execute(a, jobs)
+    replan = (lambda: student_jobs(a)) if a.student_horizons else None
+    execute(a, jobs, replan)
     if a.pack is not None:
         summary = pack(a, jobs, a.pack)
         log.info("packed %.1f MB of weights; left out %d files",

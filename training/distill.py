@@ -99,7 +99,7 @@ from training.distill_teachers import (
     teacher_pass,
 )
 from training.engine import FitResult, count_params, fit
-from training.loop import seed_everything
+from training.loop import resolve_device, seed_everything
 from training.models import MODELS, build_model
 
 log = logging.getLogger(__name__)
@@ -263,14 +263,13 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
     """Train the student against the teachers; writes ``best.safetensors`` and ``run.json``."""
     run, dcfg = cfg.run, cfg.distill
     train_cfg = run.train
-    if train_cfg.device != "cpu":  # teachers and their cached outputs live on the CPU
-        raise ValueError(
-            f"train.device: distillation trains on the CPU only, got {train_cfg.device!r}"
-        )
+    device = resolve_device(train_cfg.device)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     data = prepare(run.data)
     teachers = load_teachers(data, dcfg)
+    for t in teachers:  # the teachers run where the student trains; their cache stays on the CPU
+        t.model.to(device)
     alpha, beta = dcfg.alpha_beta(data.info.name)
     name = dcfg.student_name([t.name for t in teachers])
     progress = train_cfg.progress
@@ -320,7 +319,9 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
         if batch is None:
             raise RuntimeError("TeacherWindows served no batch before the objective ran")
         y_s, h_s = student.forward_features(x)
-        terms = criterion(y_s, h_s, y, batch.y, batch.h)
+        y_t = batch.y.to(x.device, non_blocking=True)
+        h_t = [h.to(x.device, non_blocking=True) for h in batch.h]
+        terms = criterion(y_s, h_s, y, y_t, h_t)
         return terms["total"], {k: v.detach() for k, v in terms.items() if k != "total"}
 
     teacher_info = [t.describe() for t in teachers]

@@ -200,6 +200,7 @@ def teacher_pass(
 
     model, lookback = teacher.model, teacher.lookback
     model.eval()
+    device = next(model.parameters()).device  # a teacher on a GPU runs there; outputs come back
     ys: list[Tensor] = []
     hs: list[Tensor] = []
     spilled: Tensor | None = None
@@ -217,7 +218,8 @@ def teacher_pass(
     )
     for index in bar:
         x, _ = windows.batch(index)  # [B, L, C]
-        y, h = model.forward_features(x[:, -lookback:])  # [B, H, C], [B, C, D_t]
+        y, h = model.forward_features(x[:, -lookback:].to(device))  # [B, H, C], [B, C, D_t]
+        y, h = y.cpu(), h.cpu()
         ys.append(y)
         if spilled is not None:
             spilled[int(index[0]) : int(index[-1]) + 1] = h.half()  # batches are in order
@@ -304,8 +306,10 @@ class TeacherWindows(WindowSet):
             if cached is not None:
                 h.append(cached[index])
             else:
+                device = next(t.model.parameters()).device
                 with torch.no_grad():
-                    h.append(t.model.forward_features(x[:, -t.lookback :])[1])  # [B, C, D_k]
+                    feats = t.model.forward_features(x[:, -t.lookback :].to(device))[1]
+                h.append(feats.cpu())  # [B, C, D_k]
         self.current = TeacherBatch(self.target[index], h)
         return x, y
 
