@@ -50,6 +50,7 @@ HELP: dict[str, str] = {
     "patience": "epochs without a better validation score before stopping",
     "min_epochs": "no early stop before this many epochs",
     "threads": "torch intra-op threads (inter-op: 1)",
+    "device": "where it trains: cpu, cuda, cuda:N or auto (a GPU when torch sees one)",
     "max_train_batches": "cap on batches per epoch (quick runs and tests only)",
     "val_max_windows": "pretraining: validation windows the pretext loss is scored on",
     "encoder_lr_scale": "fine-tuning: encoder lr = this x the head's",

@@ -1,0 +1,152 @@
+"""bench/teachers_parallel.py: the teacher and student queues as many one-run jobs at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from bench import students as S
+from bench import teachers as T
+from bench import teachers_parallel as P
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def planned(argv: list[str]) -> list[str]:
+    """The jobs a ``--dry-run`` of ``argv`` plans (its ``plan:`` log lines)."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: messages.append(r.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("bench.teachers_parallel")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        assert P.main([*argv, "--dry-run"]) == 0
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return [m.removeprefix("plan: ") for m in messages if m.startswith("plan: ")]
+
+
+def test_the_queue_runs_in_parallel_with_its_dependencies_and_packs_what_it_made(
+    tmp_path: Path,
+) -> None:
+    work, results, out = tmp_path / "work", tmp_path / "results", tmp_path / "out"
+    results.mkdir()
+    # The fine-tuning protocol is chosen already (the queue's protocol stage is not parallel).
+    shutil.copy(REPO / "bench" / "results" / T.PROTOCOL_RECORDS, results)
+    argv = [
+        "--smoke", "--device", "cpu", "--jobs", "2", "--methods", "himtm",
+        "--datasets", "ETTh1", "--horizons", "96", "--seeds", "0,1", "--inits", "pretrained",
+        "--stages", "pretrain,finetune,ensemble", "--work", str(work), "--results", str(results),
+        "--data-dir", str(REPO / "data"), "--logs", str(tmp_path / "logs"), "--pack", str(out),
+        "--deadline", "900",
+    ]  # fmt: skip
+    assert P.main(argv) == 0
+    records = json.loads((results / T.RECORDS).read_text())
+    keys = sorted((r["model"], r["seed"]) for r in records)
+    assert keys == [("ensemble", 0), ("ensemble", 1), ("himtm", 0), ("himtm", 1)]
+    assert all(r["device"] == "cpu" for r in records if r["model"] == "himtm")
+    plan = json.loads((out / "plan.json").read_text())
+    jobs = {j["name"]: j for j in plan["jobs"]}
+    assert set(jobs) == {
+        "pretrain himtm ETTh1",
+        "finetune himtm pretrained ETTh1-96 s0",
+        "finetune himtm pretrained ETTh1-96 s1",
+        "ensemble ETTh1-96 s0",
+        "ensemble ETTh1-96 s1",
+    }
+    assert all(j["done"] for j in jobs.values())
+    # Each fine-tuning started only after the encoder, each ensemble after its teacher.
+    pre = jobs["pretrain himtm ETTh1"]["ended_s"]
+    for seed in (0, 1):
+        ft = jobs[f"finetune himtm pretrained ETTh1-96 s{seed}"]
+        assert ft["started_s"] >= pre
+        assert jobs[f"ensemble ETTh1-96 s{seed}"]["started_s"] >= ft["ended_s"]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and "records.tar" in files and "weights-0.tar" in files
+    with tarfile.open(out / "weights-0.tar") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("ETTh1-himtm-L336-pretrain/encoder.safetensors") for n in names)
+    assert sum(n.endswith("best.safetensors") for n in names) == 2
+    # Nothing left: a second invocation plans no job.
+    assert planned(argv[: argv.index("--pack")]) == []
+
+
+def _ensemble(dataset: str, horizon: int, seed: int) -> dict[str, object]:
+    return {
+        "dataset": dataset, "horizon": horizon, "lookback": 336, "model": "ensemble", "init": "",
+        "seed": seed, "mse": 0.4, "mae": 0.4, "members": [], "weighting": "mean",
+    }  # fmt: skip
+
+
+def _choice(lookback: int, form: str, val: float, dataset: str = "ETTh1") -> dict[str, object]:
+    return {
+        "dataset": dataset, "horizon": 96, "lookback": lookback, "seed": 0, "form": form,
+        "val_mse": val, "epochs": 3, "best_epoch": 2, "model": "student",
+    }  # fmt: skip
+
+
+def test_the_students_are_planned_as_their_choices_and_teachers_land(tmp_path: Path) -> None:
+    a = argparse.Namespace(
+        results=tmp_path, student_horizons=(96,), datasets=("ETTh1", "ETTh2"), seeds=(0, 1, 2)
+    )
+    teachers = [_ensemble("ETTh1", 96, 0), _ensemble("ETTh1", 96, 1), _ensemble("ETTh2", 96, 0)]
+    (tmp_path / T.RECORDS).write_text(json.dumps(teachers))
+    names = {j.name for j in P.student_jobs(a)}
+    # First the form, chosen on ETTh1-96 alone: nothing else waits on it but the records copy.
+    assert names == {
+        *(f"choose ETTh1-96 L{lb} {f}" for lb in S.LOOKBACKS for f in S.FORMS),
+        "ensemble-record ETTh1-96 s0", "ensemble-record ETTh1-96 s1",
+        "ensemble-record ETTh2-96 s0",
+    }  # fmt: skip
+    choices = [
+        _choice(336, "ours", 0.70), _choice(720, "ours", 0.71),
+        _choice(336, "authors", 0.69), _choice(720, "authors", 0.72),
+    ]  # fmt: skip
+    (tmp_path / S.CHOICES).write_text(json.dumps(choices))
+    names = {j.name for j in P.student_jobs(a)}
+    # The authors' form won: ETTh2-96 chooses its lookback in that form; ETTh1-96 (L=336 won)
+    # runs its students where a seed has its ensemble, its plain MLPs for every seed and its
+    # ablations (not the authors' loss: that is the chosen form already).
+    assert {n for n in names if n.startswith("choose")} == {
+        "choose ETTh2-96 L336 authors", "choose ETTh2-96 L720 authors",
+    }  # fmt: skip
+    assert {n for n in names if n.startswith("student ")} == {
+        "student ETTh1-96 s0", "student ETTh1-96 s1",
+    }  # fmt: skip
+    assert {n for n in names if n.startswith("mlp")} == {f"mlp ETTh1-96 s{s}" for s in (0, 1, 2)}
+    ablations = {n for n in names if n.startswith("student-")}
+    assert ablations == {
+        f"{m} ETTh1-96 s{s}" for m in S.ABLATIONS if m != "student-authors-loss" for s in (0, 1)
+    }
+    job = next(j for j in P.student_jobs(a) if j.name == "student ETTh1-96 s1")
+    assert job.args == ["--stages", "student", "--datasets", "ETTh1", "--horizons", "96",
+                        "--seeds", "1"]  # fmt: skip
+    assert job.check is not None and not job.check()
+
+
+@pytest.mark.parametrize("flag", ["--stages", "--skip"])
+def test_a_job_left_out_takes_what_waits_on_it_along(tmp_path: Path, flag: str) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(REPO / "bench" / "results" / T.PROTOCOL_RECORDS, results)
+    value = "finetune,ensemble" if flag == "--stages" else "pretrain himtm ETTh1"
+    argv = [
+        "--methods", "himtm", "--datasets", "ETTh1", "--horizons", "96",
+        "--seeds", "0", "--inits", "pretrained", "--work", str(tmp_path / "work"),
+        "--results", str(results), "--stages", "pretrain,finetune,ensemble",
+    ]  # fmt: skip
+    assert planned(argv) == [
+        "pretrain himtm ETTh1",
+        "ensemble ETTh1-96 s0 (after finetune himtm pretrained ETTh1-96 s0)",
+        "finetune himtm pretrained ETTh1-96 s0 (after pretrain himtm ETTh1)",
+    ]
+    assert planned([*argv, flag, value]) == []
