@@ -89,6 +89,15 @@ PROTOCOLS: dict[str, dict[str, dict[str, Any]]] = {
     "scratch": {"lr1e-3": {"lr": 1e-3, **_WHOLE}, "lr1e-4": {"lr": 1e-4, **_WHOLE}},
 }
 SELECTION = ("ETTh1", 96, 0)  # dataset, horizon, seed whose validation MSE picks the protocol
+# Variants of a method reported beside it on one cell (stage ``variant``): HiMTM's
+# self-distillation target as a momentum (EMA) copy of the encoder instead of the encoder itself
+# under stop-gradient (the default). Own encoder, the method's chosen protocol, seeds 0-2;
+# records in ``teacher_variants.json``.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "himtm-ema": {"method": "himtm", "model": {"teacher": "ema"}}
+}
+VARIANT_CELL = ("ETTh1", 96)
+VARIANT_RECORDS = "teacher_variants.json"
 RECORD_FIELDS = (
     "dataset",
     "horizon",
@@ -221,12 +230,17 @@ def _train(a: argparse.Namespace, budget: Budget, seed: int, **extra: Any) -> di
     }
 
 
-def pretrain_one(a: argparse.Namespace, budget: Budget, method: str, dataset: str) -> bool:
-    """Pretrain (or continue) one encoder; True when it finished."""
+def pretrain_one(
+    a: argparse.Namespace, budget: Budget, method: str, dataset: str, variant: str | None = None
+) -> bool:
+    """Pretrain (or continue) one encoder (of ``variant``, a key of ``VARIANTS``, when given);
+    True when it finished."""
+    label = variant or method
     cfg = build_pretrain_config(
         method,
         config_for(method, dataset),
         data={"dataset": dataset, "data_dir": str(a.data_dir), "lookback": LOOKBACK},
+        model_settings=VARIANTS[variant]["model"] if variant else None,
         pretrain={
             "threads": a.threads,
             "device": a.device,
@@ -234,11 +248,11 @@ def pretrain_one(a: argparse.Namespace, budget: Budget, method: str, dataset: st
             "time_limit_s": budget.left(),
             **(SMOKE_PRETRAIN if a.smoke else {}),
         },
-        out_dir=str(pretrain_dir(a.work, method, dataset)),
+        out_dir=str(pretrain_dir(a.work, label, dataset)),
         resume=True,
     )
     result = run_pretrain(cfg)
-    log.info("%s", json.dumps({"method": method, "dataset": dataset, **result.summary()}))
+    log.info("%s", json.dumps({"method": label, "dataset": dataset, **result.summary()}))
     return result.loop.finished
 
 
@@ -250,12 +264,15 @@ def finetune_one(
     init: str,
     protocol: str,
     seed: int,
+    variant: str | None = None,
 ) -> dict[str, Any] | None:
-    """Fine-tune one teacher; its record, or None when the time limit stopped it."""
-    meta = pretrain_meta(a.work, method, c.dataset) if init == "pretrained" else None
+    """Fine-tune one teacher (from ``variant``'s encoder when given); its record, or None when
+    the time limit stopped it."""
+    label = variant or method
+    meta = pretrain_meta(a.work, label, c.dataset) if init == "pretrained" else None
     if init == "pretrained" and meta is None:
-        raise RuntimeError(f"{method} on {c.dataset} is not pretrained yet")
-    out = finetune_dir(a.work, c, method, init, protocol, seed)
+        raise RuntimeError(f"{label} on {c.dataset} is not pretrained yet")
+    out = finetune_dir(a.work, c, label, init, protocol, seed)
     run = build_run_config(
         method,
         config_for(method, c.dataset),
@@ -263,12 +280,14 @@ def finetune_one(
         _train(a, budget, seed, **PROTOCOLS[init][protocol]),
         out_dir=str(out),
     )
-    init_from = str(pretrain_dir(a.work, method, c.dataset)) if meta else None
+    init_from = str(pretrain_dir(a.work, label, c.dataset)) if meta else None
     fit = run_finetune(FinetuneRunConfig(run, init_from=init_from, resume=True))
     if not fit.finished:
         return None
     pre = (meta or {}).get("pretrain", {})
+    variant_fields = {"variant": variant, **VARIANTS[variant]["model"]} if variant else {}
     return {
+        **variant_fields,
         "dataset": c.dataset,
         "horizon": c.horizon,
         "lookback": LOOKBACK,
@@ -426,6 +445,55 @@ def paired(records: list[dict[str, Any]], c: Cell, method: str) -> list[float]:
         for s in sorted({s for _, s in by})
         if ("pretrained", s) in by and ("scratch", s) in by
     ]
+
+
+def variants_section(records: list[dict[str, Any]], variants: list[dict[str, Any]]) -> list[str]:
+    """Each variant beside its method's default on ``VARIANT_CELL`` (pretrained), paired."""
+    dataset, horizon = VARIANT_CELL
+    lines: list[str] = []
+    for variant, spec in VARIANTS.items():
+        method = spec["method"]
+        base = {
+            r["seed"]: r
+            for r in records
+            if (r["dataset"], r["horizon"], r["model"], r["init"])
+            == (dataset, horizon, method, "pretrained")
+        }
+        alt = {
+            r["seed"]: r
+            for r in variants
+            if r.get("variant") == variant and (r["dataset"], r["horizon"]) == (dataset, horizon)
+        }
+        if not alt:
+            continue
+        settings = ", ".join(f"{k} = {v!r}" for k, v in spec["model"].items())
+        lines += [
+            f"## {method}: default against `{settings}` ({dataset}-{horizon}, pretrained)",
+            "",
+            "| variant | test MSE | test MAE | val MSE | pretraining epochs (best) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, rs in ((f"{method} (default)", base), (variant, alt)):
+            pre = sorted(
+                {(r.get("pretrain_epochs"), r.get("pretrain_best_epoch")) for r in rs.values()}
+            )
+            lines.append(
+                f"| {name} | {_fmt([r['mse'] for r in rs.values()])} | "
+                f"{_fmt([r['mae'] for r in rs.values()])} | "
+                f"{_fmt([r['val_mse'] for r in rs.values()])} | "
+                + ", ".join(f"{e} ({b})" for e, b in pre)
+                + " |"
+            )
+        diffs = [alt[s]["mse"] - base[s]["mse"] for s in sorted(alt) if s in base]
+        if diffs:
+            m, sd = mean_std(diffs)
+            each = ", ".join(f"{d:+.4f}" for d in diffs)
+            lines += [
+                "",
+                f"{variant} minus default, test MSE paired by seed: {m:+.4f} ± {sd:.4f} ({each}).",
+            ]
+        lines.append("")
+    return lines
 
 
 def targets_section(records: list[dict[str, Any]]) -> list[str]:
@@ -593,6 +661,7 @@ def write_report(results: Path = RESULTS, work: Path = WORK, plots: bool = True)
         lines.append("")
     lines += [f"Pretraining helps beyond the seed spread in {wins} of {total} cells measured.", ""]
     lines += targets_section(records)
+    lines += variants_section(records, load_records(results / VARIANT_RECORDS))
     protocols = load_records(protocols_path)
     if protocols:
         lines += [
@@ -709,6 +778,36 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:
                             f"patchtst {c.dataset}-{c.horizon} s{seed}",
                             lambda c=c, s=seed: _record(a, supervised_one(a, budget, c, s)),
                         )
+        elif stage == "variant":
+            dataset, horizon = VARIANT_CELL
+            vc = Cell(dataset, horizon)
+            for variant, spec in VARIANTS.items():
+                method = spec["method"]
+                if method not in a.methods:
+                    continue
+                if pretrain_meta(a.work, variant, dataset) is None:
+                    yield Task(
+                        stage,
+                        f"pretrain {variant} {dataset}",
+                        lambda v=variant, m=method, d=dataset: pretrain_one(a, budget, m, d, v),
+                    )
+                    continue
+                protocol = chosen_protocol("pretrained", method, a.results / PROTOCOL_RECORDS)
+                if protocol is None:
+                    continue
+                for seed in a.seeds:
+                    if not has_record(
+                        a.results / VARIANT_RECORDS, variant=variant, seed=seed, horizon=horizon
+                    ):
+                        yield Task(
+                            stage,
+                            f"{variant} {dataset}-{horizon} s{seed}",
+                            lambda v=variant, m=method, p=protocol, s=seed, c=vc: _record(
+                                a,
+                                finetune_one(a, budget, c, m, "pretrained", p, s, v),
+                                a.results / VARIANT_RECORDS,
+                            ),
+                        )
         elif stage == "ensemble":
             for c in cells(a):  # a cell's seeds together: its mean and spread come first
                 for seed in a.seeds:
@@ -736,10 +835,10 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:
                         )
 
 
-def _record(a: argparse.Namespace, record: dict[str, Any] | None) -> bool:
+def _record(a: argparse.Namespace, record: dict[str, Any] | None, path: Path | None = None) -> bool:
     if record is None:
         return False
-    save_record(a.results / RECORDS, record)
+    save_record(path or a.results / RECORDS, record)
     log.info("record: %s", json.dumps({k: record.get(k) for k in RECORD_FIELDS}))
     return True
 
@@ -813,8 +912,10 @@ def status(results: Path = RESULTS, work: Path = WORK) -> str:
             state = "finished" if meta.get("finished") else "in progress"
             if not meta.get("finished") and history:
                 left_s += max(0, want - len(history)) * last / len(history)
-            lines.append(f"  {method:7s} {dataset}: {state}, {len(history)} / {want} epochs, "
-                         f"best {meta.get('best_epoch')}, {last / 3600:.1f} h")
+            lines.append(
+                f"  {method:7s} {dataset}: {state}, {len(history)} / {want} epochs, "
+                f"best {meta.get('best_epoch')}, {last / 3600:.1f} h"
+            )
     records = load_records(results / RECORDS)
     finetune = [float(r["finetune_seconds"]) for r in records if r.get("finetune_seconds")]
     typical = statistics.median(finetune) if finetune else float("nan")
@@ -822,14 +923,21 @@ def status(results: Path = RESULTS, work: Path = WORK) -> str:
     missing = 0
     for c in (Cell(d, h) for h in HORIZONS for d in DATASETS):
         row = []
-        for model, init in [(m, i) for m in METHODS for i in INITS] + [("patchtst", ""),
-                                                                        ("ensemble", "")]:
-            n = sum(1 for r in records if (r["dataset"], r["horizon"], r["model"],
-                                           r["init"]) == (c.dataset, c.horizon, model, init))
+        for model, init in [(m, i) for m in METHODS for i in INITS] + [
+            ("patchtst", ""),
+            ("ensemble", ""),
+        ]:
+            n = sum(
+                1
+                for r in records
+                if (r["dataset"], r["horizon"], r["model"], r["init"])
+                == (c.dataset, c.horizon, model, init)
+            )
             row.append(f"{model}{'-' + init[:3] if init else ''} {n}")
             if model != "ensemble":
                 missing += len(SEEDS) - n
         lines.append(f"  {c.dataset}-{c.horizon}: " + ", ".join(row))
+
     def unfinished(run: Path) -> bool:
         """Started (resume state or a run.json) and not finished."""
         meta = run / "run.json"
@@ -839,10 +947,12 @@ def status(results: Path = RESULTS, work: Path = WORK) -> str:
 
     running = [d.name for d in sorted(work.glob("*-s[0-9]")) if unfinished(d)]
     lines.append(f"unfinished run folders: {', '.join(running) or 'none'}")
-    lines.append(f"left: {missing} fine-tuning runs (~{missing * typical / 3600:.1f} h at the "
-                 f"median {typical / 60:.0f} min each, one thread), ~{left_s / 3600:.1f} h of "
-                 "pretraining in progress to its minimum epochs, and pretraining not started: "
-                 f"{', '.join(not_started) or 'none'}; then the ensembles (minutes)")
+    lines.append(
+        f"left: {missing} fine-tuning runs (~{missing * typical / 3600:.1f} h at the "
+        f"median {typical / 60:.0f} min each, one thread), ~{left_s / 3600:.1f} h of "
+        "pretraining in progress to its minimum epochs, and pretraining not started: "
+        f"{', '.join(not_started) or 'none'}; then the ensembles (minutes)"
+    )
     return "\n".join(lines)
 
 
@@ -851,12 +961,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
-    stages = ("pretrain", "protocol", "finetune", "supervised", "ensemble")
+    stages = ("pretrain", "protocol", "finetune", "supervised", "ensemble", "variant")
     runp = sub.add_parser("run", help="every missing run of the given stages, in order")
     runp.add_argument(
         "--stages",
         type=lambda t: tuple(t.split(",")),
-        default=("protocol", "pretrain", "finetune", "ensemble", "supervised"),
+        default=("protocol", "pretrain", "finetune", "ensemble", "supervised", "variant"),
     )
     pre = sub.add_parser("pretrain", help="masked pretraining of each method on each dataset")
     pre.set_defaults(stages=("pretrain",))

@@ -21,7 +21,7 @@ def queue(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[st
         "run", "--smoke", "--methods", "himtm", "--datasets", "ETTh1", "--horizons", "96",
         "--seeds", "0,1", "--work", str(work), "--results", str(results),
         "--data-dir", str(REPO / "data"), "--no-progress", "--threads", "1",
-        "--stages", "pretrain,protocol,finetune,ensemble,supervised",
+        "--stages", "pretrain,protocol,finetune,ensemble,supervised,variant",
     ]  # fmt: skip
     assert bench.main(argv) == 0
     return work, results, argv
@@ -54,6 +54,27 @@ def test_every_cell_gets_one_record_per_seed_with_the_protocol_chosen_on_validat
         if r["model"] == "ensemble":
             assert r["val_mse"] == min(r["val_mse_by_weighting"].values())
             assert len(r["members"]) == 1
+
+
+def test_the_ema_variant_has_its_own_encoder_and_is_reported_beside_the_default(
+    queue: tuple[Path, Path, list[str]],
+) -> None:
+    work, results, _ = queue
+    variants = json.loads((results / "teacher_variants.json").read_text())
+    assert sorted(r["seed"] for r in variants) == [0, 1]
+    for r in variants:
+        assert (r["model"], r["init"], r["variant"], r["teacher"]) == (
+            "himtm", "pretrained", "himtm-ema", "ema"
+        )  # fmt: skip
+        assert "himtm-ema-L336-H96-pretrained" in r["run"]
+    meta = json.loads((work / "ETTh1-himtm-ema-L336-pretrain" / "pretrain.json").read_text())
+    assert meta["model_config"]["teacher"] == "ema"
+    default = json.loads((work / "ETTh1-himtm-L336-pretrain" / "pretrain.json").read_text())
+    assert default["model_config"]["teacher"] == "shared"
+    assert bench.main(["report", "--results", str(results), "--work", str(work), "--no-plots"]) == 0
+    text = (results / "teachers.md").read_text()
+    assert "## himtm: default against `teacher = 'ema'` (ETTh1-96, pretrained)" in text
+    assert "himtm-ema minus default, test MSE paired by seed:" in text
 
 
 def test_a_second_invocation_has_nothing_left_and_the_report_pairs_the_seeds(
