@@ -547,14 +547,29 @@ def write_report(results: Path = RESULTS) -> int:
             + " |"
         )
     lines += ["", "## Speed and size", ""]
-    lines += ["| cell | model | params | train seconds (mean) |", "|---|---|---|---|"]
+    lines += [
+        "Train seconds are per run and depend on where it ran (`cpu`: one or two cores of the "
+        "2-core machine; `cuda`: one of 14 jobs sharing an H200; the ensemble's are its "
+        "members' fine-tuning, their device in `teachers.json`).",
+        "",
+        "| cell | model | params | train seconds (mean) | trained on |",
+        "|---|---|---|---|---|",
+    ]
     for c in all_cells:
         for m in MAIN_ROWS:
             p = _by(records, c, m, "params")
             s = _by(records, c, m, "train_seconds")
+            where = sorted(
+                {
+                    str(r.get("device", "cpu"))
+                    for r in records
+                    if (r["dataset"], r["horizon"], r["model"]) == (c.dataset, c.horizon, m)
+                }
+            )
             if p:
                 lines.append(
-                    f"| {c.dataset}-{c.horizon} | {m} | {int(p[0])} | {mean_std(s)[0]:.0f} |"
+                    f"| {c.dataset}-{c.horizon} | {m} | {int(p[0])} | {mean_std(s)[0]:.0f} | "
+                    f"{', '.join(where) if m != 'ensemble' else 'see teachers.json'} |"
                 )
     lines += ["", "## Choices (validation MSE, seed 0)", ""]
     lines += ["| cell | form | lookback | val MSE |", "|---|---|---|---|"]
