@@ -608,6 +608,21 @@ def status(results: Path, teacher_results: Path) -> str:
                            f"of {list(SEEDS)}{hint}")
     lines.append("waiting on teachers (students, ensemble records):" if blocked
                  else "every cell's teacher ensembles exist")
+    # A record whose members' weights are not on this machine (a run trained elsewhere whose
+    # weights did not come back) cannot teach a student here.
+    missing = sorted(
+        {
+            m
+            for r in teachers
+            if r.get("model") == "ensemble"
+            for m in r.get("members", [])
+            if not (Path(_path(m)) / "best.safetensors").exists()
+        }
+    )
+    if missing:
+        lines += [f"teacher weights missing here ({len(missing)}; their ensembles' students "
+                  "cannot run until they are retrained, replacing their records):"]
+        lines += [f"  {m}" for m in missing]
     return "\n".join(lines + blocked)
 
 
