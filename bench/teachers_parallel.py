@@ -10,9 +10,16 @@ encoder on that dataset, an ensemble for the three pretrained teachers of its ce
 Every run keeps the queue's own behaviour: resumable from ``last.pt``, one record appended (under
 the records' file lock) when it finishes, ``device`` written into the record.
 
+``--students 96,192,336,720`` adds ``bench/students.py``'s runs (the choices of the objective's
+form and of each cell's lookback, the students, the plain MLPs and the ablations; not the peers,
+which train on the CPU), re-planned as the teachers' ensembles and the choices land.
+
 ``--deadline`` (seconds) bounds the whole invocation: each job gets ``--time-limit`` so that it
 stops between epochs before the deadline (resumable later, here or on the CPU), and whatever still
 runs at the deadline is stopped; its last finished epoch is kept in ``last.pt``.
+
+The exit status is 1 when a job crashed (not merely stopped at the deadline); the driver's log
+names its log file under ``--logs``.
 
 ``--pack DIR`` then writes what a later session needs into at most eight files in ``DIR``: the
 records and every touched run's ``run.json``/``pretrain.json`` in one archive, the weights in
@@ -21,6 +28,8 @@ PatchTST, then the resume state of unfinished runs), up to ``--pack-mb`` in all,
 (what ran, how long, what was left out). Unpack with ``tar -xf`` in the repository root.
 
     python bench/teachers_parallel.py --device cuda --jobs 14 --deadline 480 --pack "$OUT"
+    python bench/teachers_parallel.py --horizons 192,720 --inits pretrained \
+        --stages finetune,ensemble --students 96,192,336,720 --device cuda
     python bench/teachers_parallel.py --dry-run          # the plan only
 """
 
@@ -52,7 +61,7 @@ log = logging.getLogger("bench.teachers_parallel")
 class Job:
     name: str
     stage: str
-    args: list[str]  # bench/teachers.py run filters narrowing it to this one run
+    args: list[str]  # the script's `run` filters narrowing it to this one run
     needs: list[str] = field(default_factory=list)  # names of jobs that must succeed first
     run_dir: str | None = None  # the run folder it writes (for packing)
     priority: int = 0  # lower starts first
@@ -93,9 +102,14 @@ def plan(a: argparse.Namespace) -> list[Job]:
             for seed in a.seeds:
                 for method in a.methods:
                     for init in a.inits:
+                        if "finetune" not in a.stages:
+                            continue
                         protocol = T.chosen_protocol(init, method, protocols)
                         if protocol is None:
-                            raise SystemExit(f"{method} {init}: no protocol chosen yet")
+                            raise SystemExit(
+                                f"{method} {init}: no fine-tuning protocol chosen yet (run "
+                                "`python bench/teachers.py run --stages protocol` first)"
+                            )
                         if have(
                             dataset=dataset, horizon=horizon, model=method, init=init, seed=seed
                         ):
@@ -276,6 +290,10 @@ def _finished(a: argparse.Namespace, job: Job) -> bool:
     return any(all(r.get(k) == v for k, v in want.items()) for r in records)
 
 
+def _log_name(job: Job) -> str:
+    return job.name.replace(" ", "_") + ".log"
+
+
 def execute(
     a: argparse.Namespace, jobs: list[Job], replan: Callable[[], list[Job]] | None = None
 ) -> None:
@@ -346,7 +364,7 @@ def execute(
             if budget <= 0:
                 j.rc = -2  # not started: too little time left
                 continue
-            out = open(logs / (j.name.replace(" ", "_") + ".log"), "wb")  # noqa: SIM115
+            out = open(logs / _log_name(j), "wb")  # noqa: SIM115
             j.proc = subprocess.Popen(
                 _command(a, j, budget), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO
             )
@@ -514,7 +532,10 @@ def main(argv: list[str] | None = None) -> int:
                  summary["weights_packed_mb"], len(summary["left_out"]))  # fmt: skip
     done = sum(j.done for j in jobs)
     log.info("%d of %d jobs finished their run", done, len(jobs))
-    return 0
+    failed = [j for j in jobs if j.rc is not None and j.rc > 0]
+    for j in failed:  # a crash, not a stop at the deadline: its log says why
+        log.error("%s failed (rc %d): see %s", j.name, j.rc, a.logs / _log_name(j))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

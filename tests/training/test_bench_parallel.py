@@ -150,3 +150,16 @@ def test_a_job_left_out_takes_what_waits_on_it_along(tmp_path: Path, flag: str) 
         "finetune himtm pretrained ETTh1-96 s0 (after pretrain himtm ETTh1)",
     ]
     assert planned([*argv, flag, value]) == []
+
+
+def test_a_crashed_job_fails_the_invocation_and_names_its_log(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    argv = [
+        "--smoke", "--device", "cpu", "--jobs", "1", "--methods", "himtm", "--datasets", "ETTh1",
+        "--stages", "pretrain", "--work", str(tmp_path / "work"), "--results", str(results),
+        "--data-dir", str(tmp_path / "no-such-folder"), "--logs", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    assert P.main(argv) == 1
+    log = (tmp_path / "logs" / "pretrain_himtm_ETTh1.log").read_text()
+    assert "no-such-folder" in log
