@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The teacher queue on a GPU machine for a bounded time (one device call): runs
 # bench/teachers_parallel.py with --device cuda and packs what a later session needs into $OUT
-# (at most eight files; unpack them into a scratch folder and merge, see docs/teachers.md).
+# (at most eight files). To merge, unpack them into a scratch folder (`tar -xf` each) and copy its
+# bench/results/*.json and bench/checkpoints/* over the checkout's: the call started from this
+# checkout's records, so its records are a superset of them (bench/README.md).
 #
 #   OUT=/some/dir DEADLINE=540 JOBS=14 bash bench/gpu_teachers.sh [extra teachers_parallel args]
 #
