@@ -62,11 +62,11 @@ class Job:
     name: str
     stage: str
     args: list[str]  # the script's `run` filters narrowing it to this one run
+    check: Callable[[], bool]  # did it finish its run (its record, or a finished encoder)?
     needs: list[str] = field(default_factory=list)  # names of jobs that must succeed first
     run_dir: str | None = None  # the run folder it writes (for packing)
     priority: int = 0  # lower starts first
     script: str = "teachers.py"  # or students.py
-    check: Callable[[], bool] | None = None  # did it finish its run (default: _finished)
     proc: subprocess.Popen[bytes] | None = None
     started: float | None = None
     ended: float | None = None
@@ -74,12 +74,27 @@ class Job:
     done: bool = False  # its record (or finished encoder) exists
 
 
+def _filters(stage: str, dataset: str, horizon: int, seed: int, **more: str) -> list[str]:
+    """The ``run`` flags narrowing a script's queue to one cell and seed of one stage."""
+    flags = ["--stages", stage, "--datasets", dataset, "--horizons", str(horizon)]
+    flags += ["--seeds", str(seed)]
+    for name, value in more.items():
+        flags += [f"--{name}", value]
+    return flags
+
+
+def _has_record(path: Path, key: dict[str, Any]) -> Callable[[], bool]:
+    """A job's check: the record of ``key`` is in ``path`` (read when asked)."""
+    return lambda: T.has_record(path, **key)
+
+
 def plan(a: argparse.Namespace) -> list[Job]:
     """One job per missing run of the queue, with the queue's dependencies."""
-    records = T.load_records(a.results / T.RECORDS)
+    records_path = a.results / T.RECORDS
+    records = T.load_records(records_path)
     protocols = a.results / T.PROTOCOL_RECORDS
 
-    def have(**key: Any) -> bool:
+    def have(key: dict[str, Any]) -> bool:
         return any(all(r.get(k) == v for k, v in key.items()) for r in records)
 
     jobs: list[Job] = []
@@ -91,6 +106,7 @@ def plan(a: argparse.Namespace) -> list[Job]:
                         f"pretrain {method} {dataset}",
                         "pretrain",
                         ["--stages", "pretrain", "--methods", method, "--datasets", dataset],
+                        check=lambda m=method, d=dataset: T.pretrain_meta(a.work, m, d) is not None,
                         run_dir=str(T.pretrain_dir(a.work, method, dataset)),
                         priority=0,
                     )
@@ -100,39 +116,26 @@ def plan(a: argparse.Namespace) -> list[Job]:
         for dataset in a.datasets:
             c = T.Cell(dataset, horizon)
             for seed in a.seeds:
-                for method in a.methods:
+                cell = {"dataset": dataset, "horizon": horizon, "seed": seed}
+                for method in a.methods if "finetune" in a.stages else ():
                     for init in a.inits:
-                        if "finetune" not in a.stages:
-                            continue
                         protocol = T.chosen_protocol(init, method, protocols)
                         if protocol is None:
                             raise SystemExit(
                                 f"{method} {init}: no fine-tuning protocol chosen yet (run "
                                 "`python bench/teachers.py run --stages protocol` first)"
                             )
-                        if have(
-                            dataset=dataset, horizon=horizon, model=method, init=init, seed=seed
-                        ):
+                        key = {**cell, "model": method, "init": init}
+                        if have(key):
                             continue
                         pre = f"pretrain {method} {dataset}"
                         jobs.append(
                             Job(
                                 f"finetune {method} {init} {dataset}-{horizon} s{seed}",
                                 "finetune",
-                                [
-                                    "--stages",
-                                    "finetune",
-                                    "--methods",
-                                    method,
-                                    "--datasets",
-                                    dataset,
-                                    "--horizons",
-                                    str(horizon),
-                                    "--seeds",
-                                    str(seed),
-                                    "--inits",
-                                    init,
-                                ],
+                                _filters("finetune", dataset, horizon, seed, methods=method,
+                                         inits=init),  # fmt: skip
+                                check=_has_record(records_path, key),
                                 needs=[pre] if init == "pretrained" and pre in names else [],
                                 run_dir=str(
                                     T.finetune_dir(a.work, c, method, init, protocol, seed)
@@ -142,32 +145,22 @@ def plan(a: argparse.Namespace) -> list[Job]:
                                 priority=10 * (1 if init == "pretrained" else 2) - horizon // 100,
                             )
                         )
-                if "supervised" in a.stages and not have(
-                    dataset=dataset, horizon=horizon, model="patchtst", seed=seed
-                ):
+                key = {**cell, "model": "patchtst"}
+                if "supervised" in a.stages and not have(key):
                     jobs.append(
                         Job(
                             f"patchtst {dataset}-{horizon} s{seed}",
                             "supervised",
-                            [
-                                "--stages",
-                                "supervised",
-                                "--datasets",
-                                dataset,
-                                "--horizons",
-                                str(horizon),
-                                "--seeds",
-                                str(seed),
-                            ],
+                            _filters("supervised", dataset, horizon, seed),
+                            check=_has_record(records_path, key),
                             run_dir=str(
                                 a.work / f"{dataset}-patchtst-L{T.LOOKBACK}-H{horizon}-s{seed}"
                             ),
                             priority=30,
                         )
                     )
-                if "pretrained" in a.inits and not have(
-                    dataset=dataset, horizon=horizon, model="ensemble", seed=seed
-                ):
+                key = {**cell, "model": "ensemble"}
+                if "pretrained" in a.inits and not have(key):
                     members = [
                         f"finetune {m} pretrained {dataset}-{horizon} s{seed}" for m in a.methods
                     ]
@@ -175,18 +168,9 @@ def plan(a: argparse.Namespace) -> list[Job]:
                         Job(
                             f"ensemble {dataset}-{horizon} s{seed}",
                             "ensemble",
-                            [
-                                "--stages",
-                                "ensemble",
-                                "--datasets",
-                                dataset,
-                                "--horizons",
-                                str(horizon),
-                                "--seeds",
-                                str(seed),
-                                "--methods",
-                                ",".join(a.methods),
-                            ],
+                            _filters("ensemble", dataset, horizon, seed,
+                                     methods=",".join(a.methods)),  # fmt: skip
+                            check=_has_record(records_path, key),
                             needs=[m for m in members if m in {j.name for j in jobs}],
                             priority=5,  # minutes of scoring once its teachers exist
                         )
@@ -218,8 +202,8 @@ def student_jobs(a: argparse.Namespace) -> list[Job]:
         if S.find(path, **key):
             return
         jobs.append(
-            Job(name, stage, ["--stages", stage, *args], priority=priority,
-                script="students.py", check=lambda: bool(S.find(path, **key)))
+            Job(name, stage, ["--stages", stage, *args], lambda: bool(S.find(path, **key)),
+                priority=priority, script="students.py")
         )  # fmt: skip
 
     for horizon in a.student_horizons:
@@ -269,27 +253,6 @@ def _command(a: argparse.Namespace, job: Job, time_left: float) -> list[str]:
     ]  # fmt: skip
 
 
-def _finished(a: argparse.Namespace, job: Job) -> bool:
-    """Did the job's run reach its end (a record, or a finished encoder)?"""
-    if job.check is not None:
-        return job.check()
-    if job.stage == "pretrain":
-        method, dataset = job.name.split()[1:3]
-        return T.pretrain_meta(a.work, method, dataset) is not None
-    records = T.load_records(a.results / T.RECORDS)
-    get = dict(zip(job.args[::2], job.args[1::2], strict=True))
-    model = {"supervised": "patchtst", "ensemble": "ensemble"}.get(job.stage, get.get("--methods"))
-    want = {
-        "dataset": get["--datasets"],
-        "horizon": int(get["--horizons"]),
-        "seed": int(get["--seeds"]),
-        "model": model,
-    }
-    if job.stage == "finetune":
-        want["init"] = get["--inits"]
-    return any(all(r.get(k) == v for k, v in want.items()) for r in records)
-
-
 def _log_name(job: Job) -> str:
     return job.name.replace(" ", "_") + ".log"
 
@@ -313,7 +276,7 @@ def execute(
             rc = j.proc.poll() if j.proc else None
             if rc is not None:
                 j.rc, j.ended = rc, time.monotonic() - started
-                j.done = rc == 0 and _finished(a, j)
+                j.done = rc == 0 and j.check()
                 log.info(
                     "%s: %s after %.0f s (rc %d)",
                     j.name,
@@ -399,28 +362,23 @@ def pack(a: argparse.Namespace, jobs: list[Job], dest: Path) -> dict[str, Any]:
             if f.exists():
                 tar.add(f, arcname=_arc(f))
 
-    def rank(d: Path) -> int:
-        name = d.name
-        finished = (d / "run.json").exists() and json.loads((d / "run.json").read_text()).get(
-            "finished"
-        )
-        if name.endswith("-pretrain"):
-            return 0
-        if finished and "-pretrained-" in name:
-            return 1
-        if finished:
-            return 2
-        return 3  # unfinished: its resume state
+    def finished(d: Path) -> bool:
+        meta = d / ("pretrain.json" if d.name.endswith("-pretrain") else "run.json")
+        return meta.exists() and bool(json.loads(meta.read_text()).get("finished"))
 
+    def rank(d: Path) -> int:
+        """Encoders first, then finished pretrained teachers, other finished runs, resume state."""
+        if d.name.endswith("-pretrain"):
+            return 0
+        if not done[d]:
+            return 3
+        return 1 if "-pretrained-" in d.name else 2
+
+    done = {d: finished(d) for d in touched}
     weights: list[Path] = []
     for d in sorted(touched, key=rank):
         names = ["encoder.safetensors", "best.safetensors"]
-        pretrain_done = (
-            d.name.endswith("-pretrain")
-            and (d / "pretrain.json").exists()
-            and (json.loads((d / "pretrain.json").read_text()).get("finished"))
-        )
-        if rank(d) == 3 or (d.name.endswith("-pretrain") and not pretrain_done):
+        if not done[d]:  # an unfinished run (or pretraining) travels with its resume state
             names.append("last.pt")
         weights += [d / n for n in names if (d / n).exists()]
     part_bytes, total_bytes = int(a.part_mb * 2**20), int(a.pack_mb * 2**20)
