@@ -19,11 +19,15 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from runargs import train_overrides
 
 from training.distill import DistillConfig, build_distill_config, run_distill
+
+OURS = Path(__file__).resolve().parents[1] / "training" / "configs" / "distill-ours.toml"
+"""Our form of the objective and student: these figures were measured with it."""
 
 Recipe = Callable[[argparse.Namespace, str, int], dict[str, Any]]
 
@@ -50,6 +54,7 @@ def distilled(teachers: tuple[str, ...] | None, flags: dict[str, bool]) -> Recip
         name = DistillConfig(teachers=names, **flags).student_name(names)
         train = train_overrides(args)
         cfg = build_distill_config(
+            OURS,
             data={"dataset": dataset, "lookback": args.lookback, "horizon": horizon},
             train=train,
             distill={"teachers": names, "teacher_dir": str(args.runs), **flags},

@@ -31,6 +31,9 @@ from runargs import train_overrides  # noqa: E402
 
 from training.distill import DATASET_DEFAULTS, build_distill_config, run_distill  # noqa: E402
 
+OURS = Path(__file__).resolve().parents[1] / "training" / "configs" / "distill-ours.toml"
+"""Our form of the objective and student: these figures were measured with it."""
+
 RESULTS = REPO / "bench" / "results"
 
 
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         for alpha, beta in args.grid:
             name = f"{args.dataset}-student-L{lookback}-H{args.horizon}-a{alpha:g}-b{beta:g}"
             cfg = build_distill_config(
+                OURS,
                 data={"dataset": args.dataset, "lookback": lookback, "horizon": args.horizon},
                 train=train,
                 distill={

@@ -7,11 +7,11 @@ weighting validation preferred). Cells: ETTh1 and ETTh2 x H 96/192/336/720, seed
 Stages, in priority order:
 
 * ``choose``: on seed 0 of each cell, the student's lookback (336 or 720) by validation MSE; on
-  ETTh1-96 also the objective's form, ours (``training/configs/distill.toml``) or the authors'
-  (``distill-authors.toml``: per-channel BatchNorm, mean-reduced period KL, unnormalised rFFT,
-  their optimiser schedule), each at both lookbacks. Validation-only records go to
-  ``bench/results/student_choices.json``; every later run uses the choice, and the seed-0 run of
-  the choice is the seed-0 student (the same folder);
+  ETTh1-96 also the objective's form, ours (``training/configs/distill-ours.toml``) or the
+  authors' (``distill.toml``, the default since validation chose it: per-channel BatchNorm,
+  mean-reduced period KL, unnormalised rFFT, their optimiser schedule), each at both lookbacks.
+  Validation-only records go to ``bench/results/student_choices.json``; every later run uses the
+  choice, and the seed-0 run of the choice is the seed-0 student (the same folder);
 * ``student``: the chosen student per cell and seed;
 * ``ensemble``: the teacher ensemble's own record, copied from ``teachers.json`` (lookback 336);
 * ``mlp``: the plain ``mlp`` (no teacher, ``training/configs/mlp.toml``) at the student's lookback;
@@ -41,7 +41,9 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,7 +76,7 @@ HORIZONS = (96, 192, 336, 720)
 SEEDS = (0, 1, 2)
 LOOKBACKS = (336, 720)  # the student's candidates
 PEER_LOOKBACK = 336
-FORMS = {"ours": "distill", "authors": "distill-authors"}  # TOML in training/configs
+FORMS = {"ours": "distill-ours", "authors": "distill"}  # TOML in training/configs
 FORM_CELL = Cell("ETTh1", 96)  # where the objective's form is chosen (seed 0, validation)
 ABLATION_CELLS = (Cell("ETTh1", 96), Cell("ETTh1", 336))
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -460,6 +462,98 @@ def cmd_run(a: argparse.Namespace) -> int:
         done += 1
 
 
+# --------------------------------------------------------------------------- bundle
+
+BUNDLE_DIR = REPO / "models_registry" / "bundled"
+BUNDLE_DATA = REPO / "data"  # the copies shipped with the code: the manifests' data files
+
+
+def bundle_family(a: argparse.Namespace, budget: Budget, c: Cell, registry: Path) -> str | None:
+    """Register one cell's chain of ``a.seed`` in ``registry``: the ensemble's members (the
+    bench's teacher checkpoints) as ``NAME-<method>``, their group ``NAME-ensemble`` and the
+    student ``NAME`` (the ``student`` stage's run of that seed, trained here if its folder is not
+    finished), all promoted to production. Returns the family's name (None: stopped early)."""
+    from training.data import DataConfig, prepare
+    from training.manifests import file_sha256
+    from training.pipeline import Pipeline, PipelineConfig, Teacher, load_export
+
+    form, lookback, ens = chosen_form(a), chosen_lookback(a, c), ensemble_of(a, c, a.seed)
+    if form is None or lookback is None or ens is None:
+        raise RuntimeError(
+            f"{c.dataset}-{c.horizon}: the student's choices and the seed-{a.seed} teacher "
+            "ensemble must be recorded first (python bench/students.py status)"
+        )
+    record = distill_one(a, budget, c, a.seed, lookback, form)
+    if record is None:
+        return None
+    key = {"dataset": c.dataset, "horizon": c.horizon, "seed": a.seed, "model": "student"}
+    if not _done(a, **key):
+        _record(a, record)
+    student_dir = REPO / record["run"]
+    data_cfg = {"dataset": c.dataset, "data_dir": str(a.bundle_data), "horizon": c.horizon}
+    pipe = Pipeline(
+        PipelineConfig(
+            data={**data_cfg, "lookback": lookback},
+            registry=str(registry),
+            work_dir=str(a.work / "bundle" / c.dataset),
+        )
+    )
+    trained_on = prepare(
+        DataConfig(c.dataset, data_dir=str(a.data_dir), lookback=lookback, horizon=c.horizon)
+    ).path
+    data = prepare(pipe.data_cfg)
+    if file_sha256(data.path) != file_sha256(trained_on):
+        raise RuntimeError(f"{data.path} differs from {trained_on}, which the models trained on")
+    teachers = []
+    for member in ens["members"]:
+        run_dir = Path(_path(member))
+        arch = json.loads((run_dir / "run.json").read_text())["model"]
+        teachers.append(Teacher(arch, run_dir, f"{pipe.name}-{arch}"))
+    shutil.rmtree(pipe.work, ignore_errors=True)  # every export is made afresh
+    pipe.export(data, teachers, student_dir)
+    # The student's lineage names its teachers' folders relative to the repository.
+    folder = pipe.work / "exports" / pipe.name
+    manifest = load_export(folder)[0]
+    assert manifest.lineage is not None
+    distill = {**manifest.lineage.distill, "teachers": record["teachers"]}
+    lineage = manifest.lineage.model_copy(update={"distill": distill})
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(manifest.model_copy(update={"lineage": lineage}).model_dump_json(indent=2))
+    tmp.replace(folder / "manifest.json")
+    registered = pipe.register(data, teachers, student_dir)
+    aliases = pipe.promote(registered["ensemble"], registered["student"])
+    refused = {n: o["refused"] for n, o in aliases.items() if "refused" in o}
+    if refused:
+        raise RuntimeError(f"promotion refused: {refused}")
+    return pipe.name
+
+
+def cmd_bundle(a: argparse.Namespace) -> int:
+    """``models_registry/bundled/``: each dataset's chain at ``--horizon`` and ``--seed``, built
+    in a scratch registry, then exported (manifests, ONNX files, SHA256SUMS) over ``--out``."""
+    from models_registry.bundle import export_models
+    from models_registry.store import FilesystemStore
+
+    budget = Budget(a.time_limit)
+    with tempfile.TemporaryDirectory(prefix="distilcast-bundle.") as scratch:
+        registry = Path(scratch) / "registry"
+        names = []
+        for dataset in a.datasets:
+            log.info("[bundle] %s-%d seed %d", dataset, a.horizon, a.seed)
+            name = bundle_family(a, budget, Cell(dataset, a.horizon), registry)
+            if name is None:
+                log.info("time limit reached: rerun to continue (the student run resumes)")
+                return 3
+            names.append(name)
+        staged = Path(scratch) / "bundled"
+        export_models(FilesystemStore(registry), names, staged)
+        shutil.rmtree(a.out, ignore_errors=True)
+        shutil.move(str(staged), a.out)
+    total = sum(f.stat().st_size for f in Path(a.out).rglob("*") if f.is_file())
+    log.info("bundle: %s -> %s (%.1f MB)", ", ".join(names), a.out, total / 1e6)
+    return 0
+
+
 # --------------------------------------------------------------------------- report
 
 # Published test MSE per (dataset, horizon): PatchTST/64 (Nie et al., 2023, Table 3; L = 512) and
@@ -596,18 +690,30 @@ def status(results: Path, teacher_results: Path) -> str:
         extra = ""
         if c in ABLATION_CELLS:
             extra = ", ablations " + "/".join(
-                str(len({r["seed"] for r in records if _is(r, c, m)})) for m in ABLATIONS)
-        lines.append(f"  {c.dataset}-{c.horizon}: "
-                     + ", ".join(f"{m} {len(seeds)}" for m, seeds in done.items()) + extra)
+                str(len({r["seed"] for r in records if _is(r, c, m)})) for m in ABLATIONS
+            )
+        lines.append(
+            f"  {c.dataset}-{c.horizon}: "
+            + ", ".join(f"{m} {len(seeds)}" for m, seeds in done.items())
+            + extra
+        )
         ensembles = sorted({r["seed"] for r in teachers if _is(r, c, "ensemble")})
         if len(ensembles) < len(SEEDS):
-            hint = ("" if c.horizon in (96, 336) else
-                    f" (python bench/teachers.py run --horizons {c.horizon} --inits pretrained "
-                    "--stages finetune,ensemble)")
-            blocked.append(f"  {c.dataset}-{c.horizon}: teacher ensembles for seeds {ensembles} "
-                           f"of {list(SEEDS)}{hint}")
-    lines.append("waiting on teachers (students, ensemble records):" if blocked
-                 else "every cell's teacher ensembles exist")
+            hint = (
+                ""
+                if c.horizon in (96, 336)
+                else f" (python bench/teachers.py run --horizons {c.horizon} --inits pretrained "
+                "--stages finetune,ensemble)"
+            )
+            blocked.append(
+                f"  {c.dataset}-{c.horizon}: teacher ensembles for seeds {ensembles} "
+                f"of {list(SEEDS)}{hint}"
+            )
+    lines.append(
+        "waiting on teachers (students, ensemble records):"
+        if blocked
+        else "every cell's teacher ensembles exist"
+    )
     # A record whose members' weights are not on this machine (a run trained elsewhere whose
     # weights did not come back) cannot teach a student here.
     missing = sorted(
@@ -620,8 +726,10 @@ def status(results: Path, teacher_results: Path) -> str:
         }
     )
     if missing:
-        lines += [f"teacher weights missing here ({len(missing)}; their ensembles' students "
-                  "cannot run until they are retrained, replacing their records):"]
+        lines += [
+            f"teacher weights missing here ({len(missing)}; their ensembles' students "
+            "cannot run until they are retrained, replacing their records):"
+        ]
         lines += [f"  {m}" for m in missing]
     return "\n".join(lines + blocked)
 
@@ -648,7 +756,9 @@ def main(argv: list[str] | None = None) -> int:
     runp.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
     runp.add_argument("--peers", type=lambda t: tuple(t.split(",")), default=PEER_NAMES)
     runp.add_argument(
-        "--ablations", type=lambda t: tuple(t.split(",")), default=tuple(ABLATIONS),
+        "--ablations",
+        type=lambda t: tuple(t.split(",")),
+        default=tuple(ABLATIONS),
         help="the ablation stage's variants (default: all)",
     )
     runp.add_argument("--data-dir", type=Path, default=DATA_DIR)
@@ -671,14 +781,45 @@ def main(argv: list[str] | None = None) -> int:
     )
     runp.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
     runp.set_defaults(handler=cmd_run)
+    bun = sub.add_parser(
+        "bundle",
+        help="models_registry/bundled: each dataset's student and teacher ensemble (one seed)",
+    )
+    bun.add_argument("--datasets", type=lambda t: tuple(t.split(",")), default=DATASETS)
+    bun.add_argument("--horizon", type=int, default=96)
+    bun.add_argument("--seed", type=int, default=0)
+    bun.add_argument("--out", type=Path, default=BUNDLE_DIR, help="replaced by the export")
+    bun.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where the models trained")
+    bun.add_argument(
+        "--bundle-data",
+        type=Path,
+        default=BUNDLE_DATA,
+        help="the data the manifests name (same bytes as --data-dir's, checked)",
+    )
+    bun.add_argument("--work", type=Path, default=WORK)
+    bun.add_argument("--threads", type=int, default=2)
+    bun.add_argument("--device", default="cpu")
+    bun.add_argument("--time-limit", type=float, default=None)
+    bun.add_argument("--no-progress", action="store_true")
+    bun.add_argument("--results", type=Path, default=RESULTS)
+    bun.add_argument("--teacher-results", type=Path, default=None)
+    bun.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
+    bun.add_argument(
+        "--lookbacks", type=lambda t: tuple(int(x) for x in t.split(",")), default=LOOKBACKS
+    )
+    bun.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
+    bun.set_defaults(handler=cmd_bundle)
     rep = sub.add_parser("report", help="bench/results/students.md")
     rep.add_argument("--results", type=Path, default=RESULTS)
     rep.set_defaults(handler=lambda a: write_report(a.results))
     st = sub.add_parser("status", help="what is recorded per cell, and what waits on teachers")
     st.add_argument("--results", type=Path, default=RESULTS)
     st.add_argument("--teacher-results", type=Path, default=None)
-    st.set_defaults(handler=lambda a: print(status(
-        a.results, a.teacher_results or a.results / TEACHER_RECORDS)) or 0)
+    st.set_defaults(
+        handler=lambda a: (
+            print(status(a.results, a.teacher_results or a.results / TEACHER_RECORDS)) or 0
+        )
+    )
     a = p.parse_args(argv)
     if a.command == "run":
         for stage in a.stages:
@@ -693,8 +834,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in a.ablations:
             if n not in ABLATIONS:
                 p.error(f"--ablations: unknown variant {n!r}; choose from {', '.join(ABLATIONS)}")
-        if a.teacher_results is None:
-            a.teacher_results = a.results / TEACHER_RECORDS
+    if a.command in ("run", "bundle") and a.teacher_results is None:
+        a.teacher_results = a.results / TEACHER_RECORDS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return int(a.handler(a))
 

@@ -3,36 +3,23 @@
 #
 #   bash scripts/build_bundle.sh
 #
-# For ETTh1 and ETTh2 at H=96: `python -m training pipeline` (seed 0) into a scratch registry,
-# which registers each family's teachers, their `-ensemble` group and the student; then
-# `python -m models_registry export --names etth1-h96,etth2-h96` replaces models_registry/bundled/
-# (manifests with their lineage, ONNX files, SHA256SUMS). Run folders are kept in runs/bundle/
-# (the manifests' lineage points there); they are cleared first, so every build starts from
-# scratch.
+# For ETTh1 and ETTh2 at H=96, seed 0 (BUNDLE_SEED): the seeds' chain of bench/students.py.
+# Its teachers are the bench's pretrained, fine-tuned SimMTM/HiMTM/DMAE checkpoints (committed in
+# bench/checkpoints/, trained by bench/teachers.py); the student is the `student` stage's run of
+# that seed, distilled from their ensemble in the form and lookback chosen on validation
+# (bench/results/student_choices.json), trained here when runs/students/ lacks it (about 5-25
+# minutes per dataset on one CPU thread). Every model is exported to ONNX (parity-checked),
+# registered in a scratch registry (the teachers, their `-ensemble` group, the student, each with
+# its lineage and metrics) and promoted; `python bench/students.py bundle` then exports both
+# families over models_registry/bundled/ (manifests, ONNX files, SHA256SUMS).
+# Commit the code first: each manifest records the commit and whether the tree was dirty.
 #
-# BUNDLE_PIPELINE_ARGS (default `--quick`: the quick plan, about 4 minutes per dataset on 2 idle
-# cores) chooses the plan, e.g. `--config training/configs/pipeline.toml` for the full one.
-# Commit the code first: each manifest records the commit and whether the model code was dirty.
+# To build a family from your own data instead, run `python -m training pipeline --quick` (or
+# the full plan) into your registry: docs/own-data.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python_bin="${PYTHON_BIN:-python}"
 [ -x .venv/bin/python ] && python_bin=.venv/bin/python
-# shellcheck disable=SC2206  # a list of flags
-pipeline_args=(${BUNDLE_PIPELINE_ARGS:---quick})
-seed="${BUNDLE_SEED:-0}"
-out=models_registry/bundled
-
-scratch="$(mktemp -d -t distilcast-bundle.XXXXXX)"
-trap 'rm -rf "$scratch"' EXIT
-rm -rf runs/bundle
-for dataset in ETTh1 ETTh2; do
-    echo "build_bundle: $dataset (pipeline ${pipeline_args[*]} --seed $seed)" >&2
-    "$python_bin" -m training pipeline --dataset "$dataset" --horizon 96 --seed "$seed" \
-        "${pipeline_args[@]}" --registry "$scratch/registry" --work-dir "runs/bundle/$dataset"
-done
-"$python_bin" -m models_registry --root "$scratch/registry" export \
-    --names etth1-h96,etth2-h96 --out "$scratch/bundled"
-rm -rf "$out"
-mv "$scratch/bundled" "$out"
-"$python_bin" -m models_registry --root "$out" list
-du -sh "$out" >&2
+"$python_bin" bench/students.py bundle --seed "${BUNDLE_SEED:-0}" --threads "${THREADS:-1}" "$@"
+"$python_bin" -m models_registry --root models_registry/bundled list
+du -sh models_registry/bundled >&2

@@ -22,8 +22,10 @@ refusal after hours of teachers) costs only the failed stage.
 The plan TOML (``training/configs/pipeline.toml``, ``--quick``: ``pipeline-quick.toml``):
 ``pretrained`` (methods), ``supervised`` (teachers used only when ``pretrained`` is empty),
 ``student`` (``mlp``), ``[models.<arch>.model|train|pretrain]`` tables merged over the
-architecture's own TOML, ``[distill]`` (``DistillConfig`` fields) and ``[stages.distill]`` (the
-student's ``TrainConfig``). Command-line data and optimisation flags override every stage.
+architecture's own TOML, ``distill_config`` (the student's base TOML in ``training/configs``:
+``distill``, the authors' form, by default; the quick plan takes ``distill-ours``), ``[distill]``
+(``DistillConfig`` fields) and ``[stages.distill]`` (the student's ``TrainConfig``).
+Command-line data and optimisation flags override every stage.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from models_registry.errors import PromotionRefused
 from models_registry.manifest import DEFAULT_ALIAS, Manifest, ModelRef
 from models_registry.store import FilesystemStore
 from training.checkpoints import load_forecaster
-from training.config import CONFIG_DIR, build_run_config, load_toml
+from training.config import CONFIG_DIR, build_run_config, default_config_path, load_toml
 from training.data import DataConfig, PreparedData, prepare, resolve_dataset
 from training.distill import build_distill_config, run_distill
 from training.export import PARITY_WINDOWS, serving_graph
@@ -64,7 +66,9 @@ log = logging.getLogger(__name__)
 
 ENSEMBLE_SUFFIX = "-ensemble"
 STAGING = "staging"
-PLAN_KEYS = frozenset({"pretrained", "supervised", "student", "models", "distill", "stages"})
+PLAN_KEYS = frozenset(
+    {"pretrained", "supervised", "student", "models", "distill", "distill_config", "stages"}
+)
 
 
 class StageFailed(RuntimeError):
@@ -110,6 +114,8 @@ class Plan:
     models: dict[str, dict[str, dict[str, Any]]]
     distill: dict[str, Any]
     stages: dict[str, dict[str, Any]]
+    distill_config: str = "distill"
+    """The student's base TOML in training/configs (``distill``: the authors' form)."""
 
     def table(self, arch: str, section: str) -> dict[str, Any]:
         return dict(self.models.get(arch, {}).get(section, {}))
@@ -131,6 +137,12 @@ def load_plan(path: Path) -> Plan:
             raise ValueError(f"{path}: unknown model {arch!r}; choose from {sorted(MODELS)}")
     if not pretrained and not supervised:
         raise ValueError(f"{path}: the plan names no teacher (pretrained or supervised)")
+    distill_config = str(doc.get("distill_config", "distill"))
+    if not default_config_path(distill_config).is_file():
+        raise ValueError(
+            f"{path}: distill_config {distill_config!r} names no file "
+            f"{default_config_path(distill_config)}"
+        )
     return Plan(
         pretrained,
         () if pretrained else supervised,
@@ -138,6 +150,7 @@ def load_plan(path: Path) -> Plan:
         {k: {s: dict(t) for s, t in v.items()} for k, v in doc.get("models", {}).items()},
         dict(doc.get("distill", {})),
         {k: dict(v) for k, v in doc.get("stages", {}).items()},
+        distill_config,
     )
 
 
@@ -265,6 +278,7 @@ class Pipeline:
         out = self.work / f"{self.plan.student}-distilled"
         with self.stages.run("distill student") as note:
             cfg = build_distill_config(
+                default_config_path(self.plan.distill_config),
                 data=self._data(),
                 train=self._train(self.plan.stages.get("distill", {})),
                 distill={**self.plan.distill, "teachers": tuple(str(t.run_dir) for t in teachers)},

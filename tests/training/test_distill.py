@@ -439,13 +439,13 @@ def test_the_documented_cli_chain_works_with_default_folders(
     assert Path(out["checkpoint"]).exists() and out["mse"] > 0
 
 
-def test_the_authors_preset_distils_a_per_channel_student(
+def test_the_default_config_is_the_authors_form_with_a_per_channel_student(
     teacher_root: Path, tmp_path: Path
 ) -> None:
     from training.config import CONFIG_DIR
 
     cfg = build_distill_config(
-        CONFIG_DIR / "distill-authors.toml",
+        CONFIG_DIR / "distill.toml",
         data={"dataset": "ETTh1", "lookback": L_S, "horizon": H},
         train=QUICK,
         distill={"teachers": ("ta",), "teacher_dir": str(teacher_root), "teacher_lookback": L_T},

@@ -77,7 +77,8 @@ def test_pipeline_registers_the_family_and_promotes_it_to_production(
     assert set(student.teachers) == {teacher.ref, group.ref}
     assert student.calibration is not None and group.calibration is not None
     assert student.parity_max_abs_err is not None and student.parity_max_abs_err <= 1e-4
-    assert student.channels is None and (student.lookback, student.horizon) == (L, H)
+    # The default (authors') form's per-channel BatchNorm ties the student to ETTh1's 7 channels.
+    assert student.channels == 7 and (student.lookback, student.horizon) == (L, H)
     store.onnx_bytes(name, 1)  # sha256 verified
 
     # The student was distilled from the teacher (its run records it), never trained alone.
@@ -180,6 +181,12 @@ def test_plan_and_names(tmp_path: Path) -> None:
     assert quick.table("patchtst", "train")["max_train_batches"] == 32
     full = load_plan(PipelineConfig().plan_path())
     assert full.pretrained == ("simmtm", "himtm", "dmae") and full.supervised == ()
+    # The full chain distils in the default (authors') form; the quick plan keeps ours.
+    assert (full.distill_config, quick.distill_config) == ("distill", "distill-ours")
+    typo = tmp_path / "typo.toml"
+    typo.write_text('supervised = ["patchtst"]\ndistill_config = "distil"\n')
+    with pytest.raises(ValueError, match="distill_config 'distil' names no file"):
+        load_plan(typo)
     bad = tmp_path / "bad.toml"
     bad.write_text('pretrained = []\nsupervised = ["patchtst"]\nstudent = "nope"\n')
     with pytest.raises(ValueError, match="unknown model"):
