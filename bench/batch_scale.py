@@ -487,6 +487,12 @@ def main() -> None:
     shutil.copytree(source_registry, args.registry)
     target = load_model(args.registry, args.model)
     m = target.manifest
+    if m.channels is not None:
+        sys.exit(f"{target.label} reads {m.channels} channels together; this benchmark scores "
+                 "univariate series, so it needs a channel-independent student (manifest "
+                 "channels null), e.g. the quick pipeline's: python -m training pipeline --quick "
+                 "--dataset ETTh1 --horizon 96 --seed 0 --registry /tmp/quick, then "
+                 "--registry /tmp/quick")
     args.lookback = m.lookback
     fixture = bool(m.config.get("fixture")) or m.code_version == "fixture"
     if fixture and args.out.resolve() == (ROOT / "bench" / "results").resolve():

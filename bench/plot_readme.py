@@ -4,9 +4,9 @@
 
 Without --url it imports the bundled registry export into a temporary folder and serves it in
 this process (uvicorn on a free loopback port), so the figure needs nothing running. The last
-`--hold-out` hours of ETTh1's `OT` are kept back as the actuals; the client asks for the fast
-(student) and the accurate (teacher ensemble) forecast of them with 80/95% intervals and plots the
-history's last week, both forecasts and what happened.
+`--hold-out` hours of ETTh1 (all 7 columns) are kept back as the actuals; the client asks for the
+fast (student) and the accurate (teacher ensemble) forecast of them with 80/95% intervals and
+plots the history's last week of `OT`, both forecasts and what happened.
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ def main() -> None:
     matplotlib.use("Agg")
 
     data = pd.read_csv(ROOT / "data" / "ETTh1.csv", parse_dates=["date"])
-    df = pd.DataFrame({"unique_id": "ETTh1", "ds": data["date"], "OT": data["OT"]})
+    # The bundled students read all 7 channels together; the figure shows OT.
+    df = data.rename(columns={"date": "ds"}).assign(unique_id="ETTh1")
     history, actuals = df.iloc[: -args.hold_out], df.iloc[-args.hold_out :]
     with (bundled_service() if args.url is None else _given(args.url)) as url, Client(url) as c:
         fast = c.forecast(history.tail(720), h=args.hold_out, level=[80, 95], model=args.model)
         accurate = c.forecast(history.tail(720), h=args.hold_out, level=[80], mode="accurate",
                               model=args.model)
-    fig = plot(history, [fast, accurate], actuals=actuals, tail=168)
+    fig = plot(history, [fast, accurate], actuals=actuals, tail=168, target_cols=["OT"])
     fig.axes[0].set_title(f"ETTh1 oil temperature (OT): the last week, then {args.hold_out} h "
                           "forecast by the bundled student (fast) and teacher ensemble (accurate)",
                           loc="left", fontsize=10)

@@ -16,8 +16,13 @@ same request (each on the last L_t steps of the window), then their forecasts ar
 timed call covers all of that. Several students can be timed in the same run (default: the
 distilled ensemble students at L = 336, the pipeline's lookback, and at L = 720, the paper's);
 the first gives the ``ensemble/student`` ratio, the others ``ensemble/<student>``. These are the
-benchmark's models (``runs/bench``), not what ``scripts/serve.sh`` serves (the quick pipeline's
-student and its one small PatchTST).
+benchmark's run folders (``runs/bench``), exported here.
+
+``--registry DIR`` times what a registry serves instead: ``--model``'s production student and the
+members of its ``-ensemble`` group, their ONNX files as stored (raw values in, raw out), on the
+raw test windows of the manifests' dataset::
+
+    python bench/speed.py --registry models_registry/bundled     # what scripts/serve.sh serves
 
 Writes ``bench/results/speed.json``: ``{"meta": {...}, "records": [...]}`` with records
 ``{"model", "params", "batch", "latency_ms"}`` and ``{"ratio": "ensemble/student", "batch",
@@ -47,7 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from service.core.engine import CPU, EngineOptions, OrtEngine  # noqa: E402
 from training.checkpoints import load_forecaster  # noqa: E402
-from training.data import DataConfig, prepare  # noqa: E402
+from training.data import DataConfig, PreparedData, prepare  # noqa: E402
 from training.distill import build_distill_config  # noqa: E402
 from training.distill_teachers import resolve_teacher_dir  # noqa: E402
 from training.engine import count_params  # noqa: E402
@@ -62,15 +67,29 @@ CPU_ONE_THREAD = EngineOptions(providers=(CPU,), intra_threads=1, inter_threads=
 
 @dataclass
 class Member:
+    """A timed model: a torch forecaster exported here, or a registry's ONNX file as served."""
+
     name: str
-    model: Forecaster
+    model: Forecaster | None
     source: str
     engine: OrtEngine | None = None
     parity: float | None = None
+    served: tuple[int, int] | None = None
+    """(lookback, parameters) of a registry model (no torch model)."""
 
     @property
     def lookback(self) -> int:
+        if self.model is None:
+            assert self.served is not None
+            return self.served[0]
         return self.model.lookback
+
+    @property
+    def params(self) -> int:
+        if self.model is None:
+            assert self.served is not None
+            return self.served[1]
+        return count_params(self.model)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         assert self.engine is not None
@@ -126,27 +145,10 @@ def timed_rounds(
     return times
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", default="ETTh1")
-    p.add_argument("--horizon", type=int, default=96)
-    p.add_argument("--teachers", default="simmtm,himtm,dmae", help="names or run folders")
-    p.add_argument("--teacher-dir", default=str(REPO / "runs" / "bench"))
-    p.add_argument("--teacher-lookback", type=int, default=336)
-    p.add_argument(
-        "--students",
-        default=None,
-        help="student run folders, the first gives the ratio 'ensemble/student'; "
-        "default <teacher-dir>/<dataset>-student-ensemble-L{336,720}-H<h>; mlp:L = untrained",
-    )
-    p.add_argument("--batches", default="1,256")
-    p.add_argument("--min-calls", type=int, default=100, help="at batch 1; /10 at larger batches")
-    p.add_argument("--max-seconds", type=float, default=120.0, help="per batch size")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(1)
-
+def trained_members(
+    args: argparse.Namespace,
+) -> tuple[list[Member], list[Member], PreparedData, np.ndarray]:
+    """The benchmark's run folders, exported here; inputs are z-scored test windows."""
     dcfg = build_distill_config(
         data={"dataset": args.dataset, "horizon": args.horizon},
         distill={"teacher_dir": args.teacher_dir, "teacher_lookback": args.teacher_lookback},
@@ -160,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     students = [load_student(spec.strip(), args.dataset, args.horizon) for spec in specs]
-    student = students[0]
     teachers = []
     for spec in (s.strip() for s in args.teachers.split(",") if s.strip()):
         run_dir = resolve_teacher_dir(spec, args.dataset, args.horizon, dcfg.distill)
@@ -177,16 +178,93 @@ def main(argv: list[str] | None = None) -> int:
     x_all_np = x_all.numpy()
 
     for m in members:
+        assert m.model is not None
         m.engine = OrtEngine(export_onnx(m.model, m.lookback, data.channels), CPU_ONE_THREAD)
         with torch.no_grad():
             ref = m.model(x_all[:8, -m.lookback :]).numpy()
         m.parity = float(np.abs(m.run(x_all_np[:8]) - ref).max())
-        log.info("%s: %d parameters, ONNX parity %.2e", m.name, count_params(m.model), m.parity)
+        log.info("%s: %d parameters, ONNX parity %.2e", m.name, m.params, m.parity)
+
+    return students, teachers, data, x_all_np
+
+
+def registry_members(
+    args: argparse.Namespace,
+) -> tuple[list[Member], list[Member], PreparedData, np.ndarray]:
+    """A registry's production student ``--model`` and its group's members, their ONNX files as
+    the service loads them; inputs are the raw test windows (the served graphs take raw values).
+    """
+    import onnx
+
+    from models_registry.store import FilesystemStore
+
+    store = FilesystemStore(args.registry)
+
+    def member(name: str, version: int) -> Member:
+        m = store.manifest(name, version)
+        onnx_bytes = store.onnx_bytes(name, version)
+        params = sum(
+            int(np.prod(i.dims)) for i in onnx.load_from_string(onnx_bytes).graph.initializer
+        )
+        engine = OrtEngine(onnx_bytes, CPU_ONE_THREAD)
+        return Member(name, None, f"{args.registry}/{name}/{version}", engine, None,
+                      (m.lookback, params))  # fmt: skip
+
+    student_m = store.manifest(*store.resolve(f"{args.model}@production"))
+    group = store.manifest(*store.resolve(f"{args.model}-ensemble@production"))
+    students = [member(student_m.name, student_m.version)]
+    teachers = [member(r.name, r.version) for r in group.members]
+    assert student_m.dataset is not None
+    args.dataset, args.horizon = student_m.dataset.name, student_m.horizon
+    lookback = max(m.lookback for m in (*students, *teachers))
+    data = prepare(DataConfig(args.dataset, lookback=lookback, horizon=args.horizon))
+    batches = [int(b) for b in args.batches.split(",")]
+    x_all, _ = data.splits["test"].batch(torch.arange(max(batches)))
+    x_raw = x_all.numpy() * data.scaler.std + data.scaler.mean
+    return students, teachers, data, np.ascontiguousarray(x_raw, dtype=np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="ETTh1")
+    p.add_argument("--horizon", type=int, default=96)
+    p.add_argument("--teachers", default="simmtm,himtm,dmae", help="names or run folders")
+    p.add_argument("--teacher-dir", default=str(REPO / "runs" / "bench"))
+    p.add_argument("--teacher-lookback", type=int, default=336)
+    p.add_argument(
+        "--students",
+        default=None,
+        help="student run folders, the first gives the ratio 'ensemble/student'; "
+        "default <teacher-dir>/<dataset>-student-ensemble-L{336,720}-H<h>; mlp:L = untrained",
+    )
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="time a registry's ONNX files as served instead: --model's production student and "
+        "its '-ensemble' group (e.g. models_registry/bundled)",
+    )
+    p.add_argument("--model", default="etth1-h96", help="with --registry")
+    p.add_argument("--batches", default="1,256")
+    p.add_argument("--min-calls", type=int, default=100, help="at batch 1; /10 at larger batches")
+    p.add_argument("--max-seconds", type=float, default=120.0, help="per batch size")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+
+    if args.registry is not None:
+        students, teachers, data, x_all_np = registry_members(args)
+    else:
+        students, teachers, data, x_all_np = trained_members(args)
+    student = students[0]
+    members = [*students, *teachers]
+    batches = [int(b) for b in args.batches.split(",")]
 
     def ensemble_run(x: np.ndarray) -> np.ndarray:
         return np.mean([t.run(x) for t in teachers], axis=0)  # [B, H, C]
 
-    params = {m.name: count_params(m.model) for m in members}
+    params = {m.name: m.params for m in members}
     params["ensemble"] = sum(params[t.name] for t in teachers)
     records: list[dict[str, Any]] = []
     calls: dict[str, int] = {}
@@ -222,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "ensemble": "members run sequentially in one call, forecasts averaged",
         "onnx_parity_max_abs_err": {m.name: m.parity for m in members},
-        "exporter": "training.export.export_onnx (dynamo, dynamic batch and channels)",
+        "exporter": (
+            f"the registry's ONNX files as served ({args.registry}, {args.model})"
+            if args.registry is not None
+            else "training.export.export_onnx (dynamo, dynamic batch and channels)"
+        ),
+        "registry": None if args.registry is None else str(args.registry),
         "onnxruntime": ort.__version__,
         "threads": {"intra_op": 1, "inter_op": 1},
         "calls_per_model": calls,
@@ -248,9 +331,15 @@ def write_markdown(meta: dict[str, Any], records: list[dict[str, Any]], path: Pa
         + ", ".join(f"{n} calls at batch {b}" for b, n in meta["calls_per_model"].items())
         + f" per model, in rounds of consecutive calls per model; ONNX Runtime "
         f"{meta['onnxruntime']}, 1 intra-op thread. Ensemble = {meta['ensemble']}. "
-        f"Student of the ratio 'ensemble/student': {meta['ratio_student']} (`runs/bench`; "
-        "`scripts/serve.sh` serves the quick pipeline's student, not this one). "
-        "Reproduce: `python bench/speed.py` (see `bench/README.md`).",
+        f"Student of the ratio 'ensemble/student': {meta['ratio_student']} "
+        + (
+            f"and the ensemble as served from `{meta['registry']}` (raw-scale ONNX graphs; "
+            "parameters counted from their initialisers). Reproduce: `python bench/speed.py "
+            f"--registry {meta['registry']}`"
+            if meta.get("registry")
+            else "(`runs/bench`, not the bundled models). Reproduce: `python bench/speed.py`"
+        )
+        + " (see `bench/README.md`).",
         "",
         "| model | L | params | batch | latency ms |",
         "|---|---|---|---|---|",

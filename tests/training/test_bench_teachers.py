@@ -192,3 +192,45 @@ def test_students_status_counts_seeds_and_names_the_cells_waiting_on_teachers(
     assert "ETTh1-96: teacher ensembles for seeds [0, 1] of [0, 1, 2]" in out
     assert "ETTh2-720: teacher ensembles for seeds [] of [0, 1, 2] (python bench/teachers.py " \
            "run --horizons 720 --inits pretrained --stages finetune,ensemble)" in out
+
+
+def test_bundle_exports_the_seed_chain_it_recorded_with_lineage_and_metrics(
+    students: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    from bench import students as sbench
+    from models_registry.bundle import verify_export
+    from models_registry.store import FilesystemStore
+
+    results, run_argv = students
+    work = run_argv[run_argv.index("--work") + 1]
+    before = (results / "students.json").read_bytes()
+    out = tmp_path / "bundled"
+    argv = [
+        "bundle", "--smoke", "--datasets", "ETTh1", "--seed", "1", "--work", work,
+        "--results", str(results), "--data-dir", str(REPO / "data"), "--no-progress",
+        "--threads", "1", "--out", str(out),
+    ]  # fmt: skip
+    assert sbench.main(argv) == 0
+    # The student is the recorded run of that seed, resumed (finished), not a new one.
+    assert (results / "students.json").read_bytes() == before
+    record = next(
+        r
+        for r in json.loads(before)
+        if (r["model"], r["seed"], r["dataset"], r["horizon"]) == ("student", 1, "ETTh1", 96)
+    )
+    assert verify_export(out) == []
+    store = FilesystemStore(out)
+    student = store.manifest(*store.resolve("etth1-h96@production"))
+    group = store.manifest(*store.resolve("etth1-h96-ensemble@production"))
+    assert student.kind == "student" and group.kind == "ensemble"
+    assert student.metrics["test_mse"] == pytest.approx(record["mse"], abs=1e-5)
+    assert student.metrics["val_mse"] == pytest.approx(record["val_mse"], abs=1e-5)
+    assert student.lookback == record["lookback"] and group.ref in student.teachers
+    lineage = student.lineage
+    assert lineage is not None and lineage.seed == 1 and lineage.git_commit
+    assert lineage.data_file == "ETTh1.csv" and len(lineage.data_sha256 or "") == 64
+    assert lineage.run_dir == record["run"] and lineage.distill["teachers"] == record["teachers"]
+    members = [store.manifest(r.name, r.version) for r in group.members]
+    assert sorted(m.lineage.run_dir for m in members if m.lineage) == sorted(record["teachers"])
+    assert all(m.lineage and m.lineage.seed == 1 for m in members)
+    assert {r for r in student.teachers if r != group.ref} == set(group.members)
