@@ -11,7 +11,10 @@ Cross-Architecture Distillation". The objective (``../shared/papers/METHODS.md``
   time for forecasts ``[B, H, C]``, along the feature axis for features ``[B, C, D]``.
 * ``KL_period``: amplitude of the real FFT along the same axis, DC bin dropped, softmax over the
   frequencies with temperature 0.5 separately for every (window, channel) row, and
-  ``KL(Q_teacher || Q_student)`` summed over frequencies and averaged over rows.
+  ``KL(Q_teacher || Q_student)``. The default config (``distill.toml``) takes the authors' form:
+  unnormalised rFFT amplitudes and the KL averaged over every (row, frequency) element; ours
+  (``distill-ours.toml``) takes orthonormal amplitudes and sums the KL over frequencies, averaged
+  over rows (the choices below).
 * ``Ht`` is the teacher's feature mapped to the student's width ``D`` by a regressor
   ``Linear(D_t -> D) -> ReLU -> Linear(D -> D)``, one per teacher, trained with the student.
 * Teachers are frozen: ``requires_grad=False``, eval mode (dropout off, BatchNorm statistics
