@@ -11,7 +11,9 @@ Stages, in priority order:
   authors' (``distill.toml``, the default since validation chose it: per-channel BatchNorm,
   mean-reduced period KL, unnormalised rFFT, their optimiser schedule), each at both lookbacks.
   Validation-only records go to ``bench/results/student_choices.json``; every later run uses the
-  choice, and the seed-0 run of the choice is the seed-0 student (the same folder);
+  choice, and the seed-0 run of the choice is the seed-0 student (the same folder). With
+  ``--all-forms`` the stage runs every ``--forms`` form in every cell too, for the record (a
+  cell's form still follows ETTh1-96's choice);
 * ``student``: the chosen student per cell and seed;
 * ``ensemble``: the teacher ensemble's own record, copied from ``teachers.json`` (lookback 336);
 * ``mlp``: the plain ``mlp`` (no teacher, ``training/configs/mlp.toml``) at the student's lookback;
@@ -382,7 +384,8 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:  # noqa: C90
     for stage in a.stages:
         for c in cells(a) if stage != "ablation" else [x for x in ABLATION_CELLS if x in cells(a)]:
             if stage == "choose":
-                forms = a.forms if c == FORM_CELL else ((form,) if form else ())
+                every = c == FORM_CELL or a.all_forms
+                forms = a.forms if every else ((form,) if form else ())
                 for f in forms:
                     if ensemble_of(a, c, 0) is None:
                         continue
@@ -754,6 +757,12 @@ def main(argv: list[str] | None = None) -> int:
         "--lookbacks", type=lambda t: tuple(int(x) for x in t.split(",")), default=LOOKBACKS
     )
     runp.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
+    runp.add_argument(
+        "--all-forms",
+        action="store_true",
+        help="the choose stage runs every --forms form in every cell, not only on ETTh1-96 "
+        "(validation records only; the form in use stays ETTh1-96's choice)",
+    )
     runp.add_argument("--peers", type=lambda t: tuple(t.split(",")), default=PEER_NAMES)
     runp.add_argument(
         "--ablations",
