@@ -731,7 +731,8 @@ def status(results: Path, teacher_results: Path) -> str:
     if missing:
         lines += [
             f"teacher weights missing here ({len(missing)}; their ensembles' students "
-            "cannot run until they are retrained, replacing their records):"
+            "cannot run until they are retrained: python bench/teachers.py run "
+            "--redo-missing-weights --inits pretrained --stages finetune,ensemble):"
         ]
         lines += [f"  {m}" for m in missing]
     return "\n".join(lines + blocked)

@@ -37,6 +37,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -142,6 +143,60 @@ def save_record(path: Path, record: dict[str, Any]) -> None:
         tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(records, indent=1) + "\n")
         os.replace(tmp, path)
+
+
+def drop_missing_weights(a: argparse.Namespace) -> list[str]:
+    """Forget the fine-tuned teachers of the selected cells, seeds and inits whose weights are
+    not on this machine (trained elsewhere, their ``best.safetensors`` never came back): their
+    records, the ensemble records they are members of, the ``students.json`` records that learned
+    from them, and their run folders (metadata only), so that the queue trains them again and
+    rebuilds those ensembles. Returns the runs dropped."""
+    path = a.results / RECORDS
+    with open(path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = load_records(path)
+        gone = {
+            r["run"]
+            for r in records
+            if r["model"] in a.methods
+            and r.get("init") in a.inits
+            and Cell(r["dataset"], r["horizon"]) in cells(a)
+            and r["seed"] in a.seeds
+            and r.get("run")
+            and not (REPO / r["run"] / "best.safetensors").exists()
+        }
+        if not gone:
+            return []
+        keep = [
+            r
+            for r in records
+            if r.get("run") not in gone and not set(r.get("members") or ()) & gone
+        ]
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(keep, indent=1) + "\n")
+        os.replace(tmp, path)
+    # The students' records learned from (or copied) those teachers: stale once they retrain.
+    students = a.results / "students.json"
+    if students.exists():
+        with open(students.with_suffix(".json.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            rows = load_records(students)
+            fresh = [r for r in rows if not set(r.get("teachers") or ()) & gone]
+            if len(fresh) < len(rows):
+                tmp = students.with_suffix(f".json.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(fresh, indent=1) + "\n")
+                os.replace(tmp, students)
+                log.info(
+                    "dropped %d students.json records of those teachers", len(rows) - len(fresh)
+                )
+            for r in rows:  # their run folders too, or a resumed run would bring them back
+                if r.get("run") and set(r.get("teachers") or ()) & gone:
+                    shutil.rmtree(REPO / r["run"], ignore_errors=True)
+    for run in sorted(gone):
+        shutil.rmtree(REPO / run, ignore_errors=True)
+        log.info("weights missing: dropped %s and its record (%d records dropped in all)", run,
+                 len(records) - len(keep))  # fmt: skip
+    return sorted(gone)
 
 
 def has_record(path: Path, **key: Any) -> bool:
@@ -877,6 +932,8 @@ def _protocol_run(
 def cmd_run(a: argparse.Namespace) -> int:
     budget = Budget(a.time_limit)
     done = 0
+    if a.redo_missing_weights:
+        drop_missing_weights(a)
     while True:
         pending = next(tasks(a, budget), None)  # re-planned after each run: records unlock more
         if pending is None:
@@ -968,8 +1025,14 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda t: tuple(t.split(",")),
         default=("protocol", "pretrain", "finetune", "ensemble", "supervised", "variant"),
     )
+    runp.add_argument(
+        "--redo-missing-weights",
+        action="store_true",
+        help="first forget the selected fine-tuned teachers whose best.safetensors is not here "
+        "(records, their ensembles' records, run folders), so that they train again",
+    )
     pre = sub.add_parser("pretrain", help="masked pretraining of each method on each dataset")
-    pre.set_defaults(stages=("pretrain",))
+    pre.set_defaults(stages=("pretrain",), redo_missing_weights=False)
     rep = sub.add_parser("report", help="bench/results/teachers.md and the curves' PNGs")
     st = sub.add_parser("status", help="what is done, running and left (no training)")
     st.add_argument("--results", type=Path, default=RESULTS)

@@ -190,8 +190,10 @@ def test_students_status_counts_seeds_and_names_the_cells_waiting_on_teachers(
     # the smoke queue trained seeds 0-1 of ETTh1-96 only: that cell still lacks seed 2's
     # ensemble, and the students' extra horizons say how to train theirs
     assert "ETTh1-96: teacher ensembles for seeds [0, 1] of [0, 1, 2]" in out
-    assert "ETTh2-720: teacher ensembles for seeds [] of [0, 1, 2] (python bench/teachers.py " \
-           "run --horizons 720 --inits pretrained --stages finetune,ensemble)" in out
+    assert (
+        "ETTh2-720: teacher ensembles for seeds [] of [0, 1, 2] (python bench/teachers.py "
+        "run --horizons 720 --inits pretrained --stages finetune,ensemble)" in out
+    )
 
 
 def test_bundle_exports_the_seed_chain_it_recorded_with_lineage_and_metrics(
@@ -234,3 +236,42 @@ def test_bundle_exports_the_seed_chain_it_recorded_with_lineage_and_metrics(
     assert sorted(m.lineage.run_dir for m in members if m.lineage) == sorted(record["teachers"])
     assert all(m.lineage and m.lineage.seed == 1 for m in members)
     assert {r for r in student.teachers if r != group.ref} == set(group.members)
+
+
+def test_redo_missing_weights_retrains_the_teacher_and_forgets_what_learned_from_it(
+    queue: tuple[Path, Path, list[str]], students: tuple[Path, list[str]]
+) -> None:
+    # Runs last in this module: it retrains seed 1's pretrained teacher under the fixtures.
+    work, results, _ = queue
+    records = json.loads((results / "teachers.json").read_text())
+    teacher = next(
+        r for r in records if (r["model"], r["init"], r["seed"]) == ("himtm", "pretrained", 1)
+    )
+    old_ensemble = next(r for r in records if (r["model"], r["seed"]) == ("ensemble", 1))
+    run = REPO / teacher["run"]
+    (run / "best.safetensors").unlink()  # trained elsewhere: the weights never came back
+    student_rows = json.loads((results / "students.json").read_text())
+    learned = [
+        r for r in student_rows if r["seed"] == 1 and teacher["run"] in (r.get("teachers") or ())
+    ]
+    assert {r["model"] for r in learned} >= {"student", "ensemble"}
+    argv = [
+        "run", "--smoke", "--redo-missing-weights", "--methods", "himtm", "--datasets", "ETTh1",
+        "--horizons", "96", "--seeds", "1", "--inits", "pretrained", "--work", str(work),
+        "--results", str(results), "--data-dir", str(REPO / "data"), "--no-progress",
+        "--threads", "1", "--stages", "finetune,ensemble",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert (run / "best.safetensors").exists()  # trained again, in the same folder
+    after = json.loads((results / "teachers.json").read_text())
+    assert len(after) == len(records)  # the teacher and its ensemble replaced, nothing else
+    assert (
+        next(r for r in after if (r["model"], r["seed"]) == ("ensemble", 1))["members"]
+        == (old_ensemble["members"])
+    )
+    rows = json.loads((results / "students.json").read_text())
+    assert not [r for r in rows if r["seed"] == 1 and teacher["run"] in (r.get("teachers") or ())]
+    assert len(rows) == len(student_rows) - len(learned)  # seed 0's rows are kept
+    for r in learned:
+        if r.get("run"):
+            assert not (REPO / r["run"]).exists()  # a resumed run would bring the old one back
