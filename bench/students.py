@@ -40,9 +40,11 @@ skipped; ``--time-limit`` stops between epochs, and the next invocation continue
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -110,13 +112,17 @@ def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def save_record(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` (replacing one with the same key), atomically."""
-    records = [r for r in load_records(path) if record_key(r) != record_key(record)]
-    records.append(record)
-    records.sort(key=lambda r: tuple(str(v) for v in record_key(r)))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
-    tmp.replace(path)
+    """Append ``record`` (replacing one with the same key), atomically; an exclusive lock on
+    ``<path>.lock`` serialises the read-modify-write of invocations running side by side."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = [r for r in load_records(path) if record_key(r) != record_key(record)]
+        records.append(record)
+        records.sort(key=lambda r: tuple(str(v) for v in record_key(r)))
+        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(records, indent=1) + "\n")
+        tmp.replace(path)
 
 
 def find(path: Path, **key: Any) -> list[dict[str, Any]]:
