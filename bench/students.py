@@ -755,15 +755,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     runp = sub.add_parser("run", help="every missing run of the given stages, in order")
     runp.add_argument("--stages", type=lambda t: tuple(t.split(",")), default=STAGES)
-    runp.add_argument("--datasets", type=lambda t: tuple(t.split(",")), default=DATASETS)
     runp.add_argument(
         "--horizons", type=lambda t: tuple(int(h) for h in t.split(",")), default=HORIZONS
     )
     runp.add_argument("--seeds", type=lambda t: tuple(int(s) for s in t.split(",")), default=SEEDS)
-    runp.add_argument(
-        "--lookbacks", type=lambda t: tuple(int(x) for x in t.split(",")), default=LOOKBACKS
-    )
-    runp.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
     runp.add_argument(
         "--all-forms",
         action="store_true",
@@ -777,54 +772,46 @@ def main(argv: list[str] | None = None) -> int:
         default=tuple(ABLATIONS),
         help="the ablation stage's variants (default: all)",
     )
-    runp.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    runp.add_argument("--work", type=Path, default=WORK)
-    runp.add_argument("--threads", type=int, default=2)
-    runp.add_argument(
-        "--device",
-        default="cpu",
-        help="students and mlp: cpu, cuda, cuda:N or auto (each record says where it trained); "
-        "the peers always train on the CPU",
-    )
-    runp.add_argument("--time-limit", type=float, default=None, help="seconds for this invocation")
-    runp.add_argument("--no-progress", action="store_true")
-    runp.add_argument("--results", type=Path, default=RESULTS, help="where the records go")
-    runp.add_argument(
-        "--teacher-results",
-        type=Path,
-        default=None,
-        help=f"the teachers' records (default: RESULTS/{TEACHER_RECORDS})",
-    )
-    runp.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
     runp.set_defaults(handler=cmd_run)
     bun = sub.add_parser(
         "bundle",
         help="models_registry/bundled: each dataset's student and teacher ensemble (one seed)",
     )
-    bun.add_argument("--datasets", type=lambda t: tuple(t.split(",")), default=DATASETS)
     bun.add_argument("--horizon", type=int, default=96)
     bun.add_argument("--seed", type=int, default=0)
     bun.add_argument("--out", type=Path, default=BUNDLE_DIR, help="replaced by the export")
-    bun.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where the models trained")
     bun.add_argument(
         "--bundle-data",
         type=Path,
         default=BUNDLE_DATA,
         help="the data the manifests name (same bytes as --data-dir's, checked)",
     )
-    bun.add_argument("--work", type=Path, default=WORK)
-    bun.add_argument("--threads", type=int, default=2)
-    bun.add_argument("--device", default="cpu")
-    bun.add_argument("--time-limit", type=float, default=None)
-    bun.add_argument("--no-progress", action="store_true")
-    bun.add_argument("--results", type=Path, default=RESULTS)
-    bun.add_argument("--teacher-results", type=Path, default=None)
-    bun.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
-    bun.add_argument(
-        "--lookbacks", type=lambda t: tuple(int(x) for x in t.split(",")), default=LOOKBACKS
-    )
-    bun.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
     bun.set_defaults(handler=cmd_bundle)
+    for q in (runp, bun):  # what both train from: the choices, the data, where runs live
+        q.add_argument("--datasets", type=lambda t: tuple(t.split(",")), default=DATASETS)
+        q.add_argument(
+            "--lookbacks", type=lambda t: tuple(int(x) for x in t.split(",")), default=LOOKBACKS
+        )
+        q.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
+        q.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where the models train")
+        q.add_argument("--work", type=Path, default=WORK)
+        q.add_argument("--threads", type=int, default=2)
+        q.add_argument(
+            "--device",
+            default="cpu",
+            help="students and mlp: cpu, cuda, cuda:N or auto (each record says where it "
+            "trained); the peers always train on the CPU",
+        )
+        q.add_argument("--time-limit", type=float, default=None, help="seconds for this invocation")
+        q.add_argument("--no-progress", action="store_true")
+        q.add_argument("--results", type=Path, default=RESULTS, help="where the records go")
+        q.add_argument(
+            "--teacher-results",
+            type=Path,
+            default=None,
+            help=f"the teachers' records (default: RESULTS/{TEACHER_RECORDS})",
+        )
+        q.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
     rep = sub.add_parser("report", help="bench/results/students.md")
     rep.add_argument("--results", type=Path, default=RESULTS)
     rep.set_defaults(handler=lambda a: write_report(a.results))
