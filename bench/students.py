@@ -40,11 +40,9 @@ skipped; ``--time-limit`` stops between epochs, and the next invocation continue
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -66,6 +64,7 @@ from bench.teachers import (  # noqa: E402
     mean_std,
 )
 from bench.teachers import RECORDS as TEACHER_RECORDS  # noqa: E402
+from bench.teachers import save_record as save_keyed  # noqa: E402
 from training.config import build_run_config, default_config_path  # noqa: E402
 from training.distill import build_distill_config, run_distill  # noqa: E402
 from training.loop import resolve_device  # noqa: E402
@@ -112,17 +111,9 @@ def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def save_record(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` (replacing one with the same key), atomically; an exclusive lock on
-    ``<path>.lock`` serialises the read-modify-write of invocations running side by side."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".json.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        records = [r for r in load_records(path) if record_key(r) != record_key(record)]
-        records.append(record)
-        records.sort(key=lambda r: tuple(str(v) for v in record_key(r)))
-        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
-        tmp.replace(path)
+    """Append ``record`` (replacing one with the same key), atomically, under the records
+    file's lock (``bench.teachers.save_record`` with this file's key)."""
+    save_keyed(path, record, key=record_key)
 
 
 def find(path: Path, **key: Any) -> list[dict[str, Any]]:

@@ -128,8 +128,10 @@ def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
     return (r["dataset"], r["horizon"], r["model"], r["init"], r["seed"], r.get("protocol", ""))
 
 
-def save_record(path: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` (replacing one with the same key), atomically.
+def update_records(
+    path: Path, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Rewrite the records file ``path`` as ``change(records)``, atomically; returns what it read.
 
     An exclusive lock on ``<path>.lock`` serialises the read-modify-write, so two invocations
     (say pretraining on one core, fine-tuning on the other) never drop each other's records.
@@ -137,12 +139,25 @@ def save_record(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".json.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        records = [r for r in load_records(path) if record_key(r) != record_key(record)]
-        records.append(record)
-        records.sort(key=lambda r: tuple(str(v) for v in record_key(r)))
+        records = load_records(path)
         tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
+        tmp.write_text(json.dumps(change(records), indent=1) + "\n")
         os.replace(tmp, path)
+    return records
+
+
+def save_record(
+    path: Path,
+    record: dict[str, Any],
+    key: Callable[[dict[str, Any]], tuple[Any, ...]] = record_key,
+) -> None:
+    """Append ``record`` (replacing one with the same ``key``), sorted by key, atomically."""
+
+    def change(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        kept = [r for r in records if key(r) != key(record)]
+        return sorted([*kept, record], key=lambda r: tuple(str(v) for v in key(r)))
+
+    update_records(path, change)
 
 
 def drop_missing_weights(a: argparse.Namespace) -> list[str]:
@@ -151,11 +166,10 @@ def drop_missing_weights(a: argparse.Namespace) -> list[str]:
     records, the ensemble records they are members of, the ``students.json`` records that learned
     from them, and their run folders (metadata only), so that the queue trains them again and
     rebuilds those ensembles. Returns the runs dropped."""
-    path = a.results / RECORDS
-    with open(path.with_suffix(".json.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        records = load_records(path)
-        gone = {
+    gone: set[str] = set()
+
+    def forget_teachers(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        gone.update(
             r["run"]
             for r in records
             if r["model"] in a.methods
@@ -164,38 +178,34 @@ def drop_missing_weights(a: argparse.Namespace) -> list[str]:
             and r["seed"] in a.seeds
             and r.get("run")
             and not (REPO / r["run"] / "best.safetensors").exists()
-        }
-        if not gone:
-            return []
-        keep = [
-            r
-            for r in records
-            if r.get("run") not in gone and not set(r.get("members") or ()) & gone
-        ]
-        tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(keep, indent=1) + "\n")
-        os.replace(tmp, path)
+        )
+        return [r for r in records if not depends(r)]
+
+    def depends(r: dict[str, Any]) -> bool:  # one of those teachers, or an ensemble of them
+        return r.get("run") in gone or bool(set(r.get("members") or ()) & gone)
+
+    records = update_records(a.results / RECORDS, forget_teachers)
+    if not gone:
+        return []
+    dropped = sum(map(depends, records))
+
     # The students' records learned from (or copied) those teachers: stale once they retrain.
+    def learned(r: dict[str, Any]) -> bool:
+        return bool(set(r.get("teachers") or ()) & gone)
+
     students = a.results / "students.json"
     if students.exists():
-        with open(students.with_suffix(".json.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            rows = load_records(students)
-            fresh = [r for r in rows if not set(r.get("teachers") or ()) & gone]
-            if len(fresh) < len(rows):
-                tmp = students.with_suffix(f".json.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(fresh, indent=1) + "\n")
-                os.replace(tmp, students)
-                log.info(
-                    "dropped %d students.json records of those teachers", len(rows) - len(fresh)
-                )
-            for r in rows:  # their run folders too, or a resumed run would bring them back
-                if r.get("run") and set(r.get("teachers") or ()) & gone:
-                    shutil.rmtree(REPO / r["run"], ignore_errors=True)
+        rows = update_records(students, lambda rows: [r for r in rows if not learned(r)])
+        stale = [r for r in rows if learned(r)]
+        if stale:
+            log.info("dropped %d students.json records of those teachers", len(stale))
+        for r in stale:  # their run folders too, or a resumed run would bring them back
+            if r.get("run"):
+                shutil.rmtree(REPO / r["run"], ignore_errors=True)
     for run in sorted(gone):
         shutil.rmtree(REPO / run, ignore_errors=True)
         log.info("weights missing: dropped %s and its record (%d records dropped in all)", run,
-                 len(records) - len(keep))  # fmt: skip
+                 dropped)  # fmt: skip
     return sorted(gone)
 
 
