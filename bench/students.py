@@ -475,7 +475,7 @@ def bundle_family(a: argparse.Namespace, budget: Budget, c: Cell, registry: Path
     finished), all promoted to production. Returns the family's name (None: stopped early)."""
     from training.data import DataConfig, prepare
     from training.manifests import file_sha256
-    from training.pipeline import Pipeline, PipelineConfig, Teacher, load_export
+    from training.pipeline import Pipeline, PipelineConfig, Teacher, load_export, save_manifest
 
     form, lookback, ens = chosen_form(a), chosen_lookback(a, c), ensemble_of(a, c, a.seed)
     if form is None or lookback is None or ens is None:
@@ -517,9 +517,7 @@ def bundle_family(a: argparse.Namespace, budget: Budget, c: Cell, registry: Path
     assert manifest.lineage is not None
     distill = {**manifest.lineage.distill, "teachers": record["teachers"]}
     lineage = manifest.lineage.model_copy(update={"distill": distill})
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(manifest.model_copy(update={"lineage": lineage}).model_dump_json(indent=2))
-    tmp.replace(folder / "manifest.json")
+    save_manifest(manifest.model_copy(update={"lineage": lineage}), folder)
     registered = pipe.register(data, teachers, student_dir)
     aliases = pipe.promote(registered["ensemble"], registered["student"])
     refused = {n: o["refused"] for n, o in aliases.items() if "refused" in o}

@@ -428,9 +428,14 @@ class Pipeline:
 def save_export(exported: ExportedModel, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(exported.onnx_bytes)
+    save_manifest(exported.manifest, folder)  # written last: its presence marks a whole export
+
+
+def save_manifest(manifest: Manifest, folder: Path) -> None:
+    """Write (or replace) an export folder's ``manifest.json`` atomically."""
     tmp = folder / "manifest.json.tmp"
-    tmp.write_text(exported.manifest.model_dump_json(indent=2))
-    tmp.replace(folder / "manifest.json")  # written last: its presence marks a whole export
+    tmp.write_text(manifest.model_dump_json(indent=2))
+    tmp.replace(folder / "manifest.json")
 
 
 def load_export(folder: Path) -> tuple[Manifest, bytes]:
