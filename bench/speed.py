@@ -146,9 +146,10 @@ def timed_rounds(
 
 
 def trained_members(
-    args: argparse.Namespace,
+    args: argparse.Namespace, windows: int
 ) -> tuple[list[Member], list[Member], PreparedData, np.ndarray]:
-    """The benchmark's run folders, exported here; inputs are z-scored test windows."""
+    """The benchmark's run folders, exported here; inputs are the first ``windows`` z-scored
+    test windows."""
     dcfg = build_distill_config(
         data={"dataset": args.dataset, "horizon": args.horizon},
         distill={"teacher_dir": args.teacher_dir, "teacher_lookback": args.teacher_lookback},
@@ -173,8 +174,7 @@ def trained_members(
     lookback = max(m.lookback for m in members)
     data = prepare(DataConfig(args.dataset, lookback=lookback, horizon=args.horizon))
     test = data.splits["test"]
-    batches = [int(b) for b in args.batches.split(",")]
-    x_all, _ = test.batch(torch.arange(max(batches)))  # [B, L, C] z-scored test windows
+    x_all, _ = test.batch(torch.arange(windows))  # [B, L, C] z-scored test windows
     x_all_np = x_all.numpy()
 
     for m in members:
@@ -189,11 +189,11 @@ def trained_members(
 
 
 def registry_members(
-    args: argparse.Namespace,
+    args: argparse.Namespace, windows: int
 ) -> tuple[list[Member], list[Member], PreparedData, np.ndarray]:
     """A registry's production student ``--model`` and its group's members, their ONNX files as
-    the service loads them; inputs are the raw test windows (the served graphs take raw values).
-    """
+    the service loads them; inputs are the first ``windows`` raw test windows (the served graphs
+    take raw values)."""
     import onnx
 
     from models_registry.store import FilesystemStore
@@ -218,8 +218,7 @@ def registry_members(
     args.dataset, args.horizon = student_m.dataset.name, student_m.horizon
     lookback = max(m.lookback for m in (*students, *teachers))
     data = prepare(DataConfig(args.dataset, lookback=lookback, horizon=args.horizon))
-    batches = [int(b) for b in args.batches.split(",")]
-    x_all, _ = data.splits["test"].batch(torch.arange(max(batches)))
+    x_all, _ = data.splits["test"].batch(torch.arange(windows))
     x_raw = x_all.numpy() * data.scaler.std + data.scaler.mean
     return students, teachers, data, np.ascontiguousarray(x_raw, dtype=np.float32)
 
@@ -253,13 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
 
-    if args.registry is not None:
-        students, teachers, data, x_all_np = registry_members(args)
-    else:
-        students, teachers, data, x_all_np = trained_members(args)
+    batches = [int(b) for b in args.batches.split(",")]
+    members_of = registry_members if args.registry is not None else trained_members
+    students, teachers, data, x_all_np = members_of(args, max(batches))
     student = students[0]
     members = [*students, *teachers]
-    batches = [int(b) for b in args.batches.split(",")]
 
     def ensemble_run(x: np.ndarray) -> np.ndarray:
         return np.mean([t.run(x) for t in teachers], axis=0)  # [B, H, C]
