@@ -75,6 +75,7 @@ defaults below are ours too: a TOML without those keys gets our form).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -97,6 +98,7 @@ from training.distill_losses import (
 )
 from training.distill_teachers import (
     WEIGHTINGS,
+    TeacherPass,
     TeacherWindows,
     Weighting,
     combine,
@@ -106,7 +108,7 @@ from training.distill_teachers import (
     teacher_pass,
 )
 from training.engine import FitResult, count_params, fit
-from training.loop import resolve_device, seed_everything
+from training.loop import LAST_FILE, resolve_device, seed_everything
 from training.models import MODELS, build_model
 
 log = logging.getLogger(__name__)
@@ -266,6 +268,15 @@ class DistillResult:
         return out
 
 
+def _finished_run(out_dir: Path) -> dict[str, Any] | None:
+    """``run.json`` of a run in ``out_dir`` that finished training, else None."""
+    path = out_dir / "run.json"
+    if not (out_dir / LAST_FILE).exists() or not path.exists():
+        return None
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return doc if doc.get("finished") and doc.get("teachers") else None
+
+
 def run_distill(cfg: DistillRunConfig) -> DistillResult:
     """Train the student against the teachers; writes ``best.safetensors`` and ``run.json``."""
     run, dcfg = cfg.run, cfg.distill
@@ -283,28 +294,38 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
     out_dir = cfg.resolved_out_dir(name)
     spill_dir = out_dir / "teacher-cache"  # features beyond cache_max_mb; removed at the end
 
-    t0 = time.perf_counter()
-    scores = score_teachers(teachers, data, progress) if dcfg.evaluate_teachers else None
-    val_mse = [scores["teachers"][t.name]["val"]["mse"] for t in teachers] if scores else []
-    weights = ensemble_weights(val_mse or [1.0] * len(teachers), dcfg.weighting)
-    budget = dcfg.cache_max_mb if dcfg.cache else -1.0
-    passes = [
-        teacher_pass(
-            t,
-            data,
-            "train",
-            features=beta > 0,
-            max_feature_mb=budget,
-            spill_dir=spill_dir if dcfg.cache else None,
-            progress=progress,
-        )
-        for t in teachers
-    ]
-    target = combine([p.y for p in passes], weights)  # [N, H, C]
-    features = [p.h for p in passes] if beta > 0 else []
-    feature_teachers = teachers if beta > 0 else []
-    teacher_seconds = time.perf_counter() - t0
-    log.info("teacher passes took %.1fs (weights %s)", teacher_seconds, weights.tolist())
+    saved = _finished_run(out_dir) if cfg.resume else None
+    passes: list[TeacherPass] = []
+    if saved is not None:  # nothing left to train: its teachers' scores and weights are on record
+        log.info("%s: finished in %s; its teacher passes are not rerun", name, out_dir)
+        scores = saved.get("teacher_scores")
+        weights = torch.tensor([float(t["weight"]) for t in saved["teachers"]])
+        teacher_seconds = float(saved.get("teacher_seconds", 0.0))
+        windows: TeacherWindows | None = None
+    else:
+        t0 = time.perf_counter()
+        scores = score_teachers(teachers, data, progress) if dcfg.evaluate_teachers else None
+        val_mse = [scores["teachers"][t.name]["val"]["mse"] for t in teachers] if scores else []
+        weights = ensemble_weights(val_mse or [1.0] * len(teachers), dcfg.weighting)
+        budget = dcfg.cache_max_mb if dcfg.cache else -1.0
+        passes = [
+            teacher_pass(
+                t,
+                data,
+                "train",
+                features=beta > 0,
+                max_feature_mb=budget,
+                spill_dir=spill_dir if dcfg.cache else None,
+                progress=progress,
+            )
+            for t in teachers
+        ]
+        target = combine([p.y for p in passes], weights)  # [N, H, C]
+        features = [p.h for p in passes] if beta > 0 else []
+        feature_teachers = teachers if beta > 0 else []
+        teacher_seconds = time.perf_counter() - t0
+        log.info("teacher passes took %.1fs (weights %s)", teacher_seconds, weights.tolist())
+        windows = TeacherWindows(data.splits["train"], target, features, feature_teachers)
 
     seed_everything(train_cfg.seed)  # initial weights of the student and regressors
     student = build_model(
@@ -318,11 +339,13 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
         dcfg.loss, alpha, beta, [t.model.feature_dim for t in teachers], student.feature_dim
     )
     trainable = nn.ModuleDict({"student": student, "criterion": criterion})
-    windows = TeacherWindows(data.splits["train"], target, features, feature_teachers)
-    train_data = replace(data, splits={**data.splits, "train": windows})
+    # a finished run only restores and scores its best epoch: the plain windows serve
+    train_data = (
+        data if windows is None else replace(data, splits={**data.splits, "train": windows})
+    )
 
     def objective(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        batch = windows.current
+        batch = windows.current if windows is not None else None
         if batch is None:
             raise RuntimeError("TeacherWindows served no batch before the objective ran")
         y_s, h_s = student.forward_features(x)
@@ -372,7 +395,8 @@ def run_distill(cfg: DistillRunConfig) -> DistillResult:
             desc=name,
         )
     finally:
-        windows.features.clear()  # drop the memory maps before their files go
+        if windows is not None:
+            windows.features.clear()  # drop the memory maps before their files go
         del passes
         shutil.rmtree(spill_dir, ignore_errors=True)
     return DistillResult(

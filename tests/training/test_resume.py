@@ -200,6 +200,27 @@ def test_distill_resumes_exactly(tmp_path: Path, csv: Path) -> None:
 
     interrupted_vs_straight(tmp_path, run, "best.safetensors")
 
+    # Resuming a finished run restores and scores its best epoch without the teacher passes
+    # (their scores, weights and seconds come from its run.json) and reports the same result.
+    first = json.loads((tmp_path / "straight" / "run.json").read_text())
+    import training.distill as distill
+
+    def no_pass(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a finished run reran its teacher passes")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, "teacher_pass", no_pass)
+        mp.setattr(distill, "score_teachers", no_pass)
+        again = run(tmp_path / "straight", BUDGET, True)
+    assert again.fit.finished
+    assert again.fit.test == pytest.approx(first["test"])
+    assert again.scores == first["teacher_scores"]
+    assert again.teacher_seconds == first["teacher_seconds"]
+    assert [t["weight"] for t in again.teachers] == [t["weight"] for t in first["teachers"]]
+    assert json.loads((tmp_path / "straight" / "run.json").read_text())["history"] == first[
+        "history"
+    ]
+
 
 def test_pretrain_resumes_a_checkpoint_written_before_a_data_option_existed(
     tmp_path: Path, csv: Path
