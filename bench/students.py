@@ -21,7 +21,8 @@ Stages, in priority order:
   every test window (``bench/peers.py``; needs the ``peers`` extra);
 * ``ablation``: on ETTh1-96 and ETTh1-336, the student without its feature terms, without the
   period terms, without the multi-scale terms, and with the authors' loss form (period KL
-  mean-reduced over (row, frequency) and the unnormalised rFFT) on our student and schedule.
+  mean-reduced over (row, frequency) and the unnormalised rFFT) on our student and schedule
+  (``distill-ours.toml`` with their loss: the full student, in the authors' form, has it already).
 
 Each finished run appends one record to ``bench/results/students.json``:
 ``{"dataset","horizon","lookback","model","seed","mse","mae","params","train_seconds"}`` plus its
@@ -88,6 +89,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "student-no-scale": {"scale": False},
     "student-authors-loss": {"kl_reduction": "mean", "fft_norm": "backward"},
 }
+# The ablations distil the chosen form without one part, except the authors' loss: it swaps our
+# form's loss for theirs (on our student and schedule), so it starts from our form whichever
+# form was chosen (when the authors' form is chosen, the full student already has their loss).
+ABLATION_BASE = {"student-authors-loss": "ours"}
 PEER_NAMES = ("nf-dlinear", "nf-patchtst")
 RECORD_FIELDS = (
     "dataset",
@@ -194,8 +199,19 @@ def distill_one(
     lookback: int,
     form: str,
     model: str = "student",
+    overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
-    """Distil one student from the cell's ensemble of ``seed``; its record (None: stopped)."""
+    """Distil one student from the cell's ensemble of ``seed``; its record (None: stopped).
+
+    ``overrides``: settings on top of the form's TOML, by table (``train``, ``model``,
+    ``distill``), e.g. ``{"train": {"lr": 0.001}}`` (``bench/student_tuning.py``'s variants).
+    """
+    more = overrides or {}
+    unknown = set(more) - {"train", "model", "distill"}
+    if unknown:
+        raise ValueError(
+            f"overrides: unknown table(s) {sorted(unknown)}; use train, model, distill"
+        )
     ens = ensemble_of(a, c, seed)
     if ens is None:
         raise RuntimeError(f"no teacher ensemble for {c.dataset}-{c.horizon} seed {seed}")
@@ -203,12 +219,14 @@ def distill_one(
     cfg = build_distill_config(
         default_config_path(FORMS[form]),
         data=_data(a, c, lookback),
-        train=_train(a, budget, seed),
+        train={**_train(a, budget, seed), **more.get("train", {})},
         distill={
             "teachers": tuple(_path(m) for m in ens["members"]),
             "weighting": ens["weighting"],
             **ABLATIONS.get(model, {}),
+            **more.get("distill", {}),
         },
+        model_settings=more.get("model"),
         out_dir=str(out),
         resume=True,
     )
@@ -237,6 +255,7 @@ def distill_one(
         "device": resolve_device(a.device).type,
         "teachers": [_rel(Path(_path(m))) for m in ens["members"]],
         "budget": {"train": _budget(cfg.run.train), "distill": _distill_budget(cfg.distill)},
+        **({"overrides": more} if more else {}),
         "run": _rel(out),
     }
 
@@ -402,15 +421,14 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:  # noqa: C90
                     if lookback is None or form is None or ensemble_of(a, c, seed) is None:
                         continue
                     models = ["student"] if stage == "student" else list(a.ablations)
-                    if form == "authors":  # the authors' loss is the chosen form already
-                        models = [m for m in models if m != "student-authors-loss"]
                     for m in models:
                         if not _done(a, **key, model=m):
                             yield Task(
                                 stage,
                                 f"{m} {c.dataset}-{c.horizon} s{seed}",
                                 lambda c=c, s=seed, lb=lookback, m=m: _record(
-                                    a, distill_one(a, budget, c, s, lb, form, m)
+                                    a,
+                                    distill_one(a, budget, c, s, lb, ABLATION_BASE.get(m, form), m),
                                 ),
                             )
                 elif stage == "ensemble":

@@ -235,8 +235,6 @@ def student_jobs(a: argparse.Namespace) -> list[Job]:
                     **cell, seed=seed, model="student")  # fmt: skip
                 if c in S.ABLATION_CELLS:
                     for m in S.ABLATIONS:
-                        if form == "authors" and m == "student-authors-loss":
-                            continue
                         job(f"{m} {dataset}-{horizon} s{seed}", "ablation",
                             [*one, "--ablations", m], 25, **cell, seed=seed, model=m)  # fmt: skip
     return jobs

@@ -134,10 +134,13 @@ def test_students_use_the_lookback_and_form_chosen_on_validation_and_every_seed_
         assert set(sbench.RECORD_FIELDS) <= set(r)
         assert r["mse"] > 0 and r["params"] > 0
     by = {(r["model"], r["seed"]): r for r in records}
-    ablations = [m for m in sbench.ABLATIONS if best["form"] == "ours" or "authors" not in m]
     assert sorted(by) == sorted(
-        (m, s) for m in ("student", "ensemble", "mlp", *ablations) for s in (0, 1)
+        (m, s) for m in ("student", "ensemble", "mlp", *sbench.ABLATIONS) for s in (0, 1)
     )
+    for s in (0, 1):  # each ablation drops one part of the chosen form; the authors' loss goes
+        for m in sbench.ABLATIONS:  # onto ours
+            assert by[(m, s)]["form"] == sbench.ABLATION_BASE.get(m, best["form"])
+    assert by[("student-authors-loss", 0)]["budget"]["distill"]["kl_reduction"] == "mean"
     for s in (0, 1):
         student = by[("student", s)]
         assert (student["form"], student["lookback"]) == (best["form"], best["lookback"])
