@@ -199,6 +199,50 @@ def test_students_status_counts_seeds_and_names_the_cells_waiting_on_teachers(
     )
 
 
+def test_student_tuning_distils_each_variant_like_the_student_and_chooses_on_validation(
+    students: tuple[Path, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import student_tuning as tuning
+    from bench import students as sbench
+
+    results, argv = students
+    work = argv[argv.index("--work") + 1]
+    common = [
+        "--results", str(results), "--work", work, "--data-dir", str(REPO / "data"),
+        "--no-progress", "--threads", "1", "--smoke",
+    ]  # fmt: skip
+    run = ["run", "--cells", "ETTh1-96", "--variants", "dropout0.3,lr1e-3", *common]
+    assert tuning.main(run) == 0
+    records = json.loads((results / tuning.RECORDS).read_text())
+    student = next(
+        r
+        for r in json.loads((results / sbench.RECORDS).read_text())
+        if (r["model"], r["seed"]) == ("student", 0)
+    )
+    assert sorted(r["variant"] for r in records) == ["dropout0.3", "lr1e-3"]
+    for r in records:  # the student's cell, seed, lookback, form and teachers; one setting moved
+        for k in ("dataset", "horizon", "seed", "lookback", "form", "teachers"):
+            assert r[k] == student[k], k
+        assert r["overrides"] == tuning.VARIANTS[r["variant"]]
+    by = {r["variant"]: r for r in records}
+    assert by["lr1e-3"]["budget"]["train"]["lr"] == 0.001
+    run_json = json.loads((REPO / by["dropout0.3"]["run"] / "run.json").read_text())
+    assert run_json["model_config"]["dropout"] == 0.3
+    assert tuning.main(run) == 0  # a second invocation has nothing left
+    assert json.loads((results / tuning.RECORDS).read_text()) == records
+    assert tuning.main(["report", "--results", str(results)]) == 0
+    rows = [ln for ln in (results / tuning.REPORT).read_text().splitlines() if "ETTh1-96" in ln]
+    assert len(rows) == 3
+    val = {"student": student["val_mse"], **{v: r["val_mse"] for v, r in by.items()}}
+    best = min(val, key=val.__getitem__)
+    assert [ln for ln in rows if "**chosen**" in ln] == [
+        next(ln for ln in rows if ln.startswith(f"| ETTh1-96 | {best}"))
+    ]
+    with pytest.raises(SystemExit):
+        tuning.main(["run", "--cells", "ETTh1-96", "--variants", "bogus", *common])
+    assert "unknown variant 'bogus'" in capsys.readouterr().err
+
+
 def test_bundle_exports_the_seed_chain_it_recorded_with_lineage_and_metrics(
     students: tuple[Path, list[str]], tmp_path: Path
 ) -> None:
