@@ -93,6 +93,19 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # form's loss for theirs (on our student and schedule), so it starts from our form whichever
 # form was chosen (when the authors' form is chosen, the full student already has their loss).
 ABLATION_BASE = {"student-authors-loss": "ours"}
+# Budget variants of the student: one setting moved from the form's TOML. The choose stage weighs
+# CHOICE_VARIANTS against the form's own budget ("default") per cell, on validation (seed 0, at
+# the chosen form and lookback), and the student stage trains the winner; the others are tried
+# by bench/student_tuning.py (its records: student_tuning.json, with the default runs a new
+# choice displaced).
+DEFAULT_VARIANT = "default"
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "dropout0.3": {"model": {"dropout": 0.3}},
+    "lr1e-3": {"train": {"lr": 0.001}},
+    "hidden128": {"model": {"hidden": 128}},
+}
+CHOICE_VARIANTS = ("dropout0.3",)
+TUNING = "student_tuning.json"
 PEER_NAMES = ("nf-dlinear", "nf-patchtst")
 RECORD_FIELDS = (
     "dataset",
@@ -115,6 +128,19 @@ def record_key(r: dict[str, Any]) -> tuple[Any, ...]:
     return (r["dataset"], r["horizon"], r["model"], r["seed"], r["lookback"], r.get("form", ""))
 
 
+def variant_of(r: dict[str, Any]) -> str:
+    """A student record's budget variant (records from before variants: the default)."""
+    return str(r.get("variant", DEFAULT_VARIANT))
+
+
+def choice_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (*record_key(r), variant_of(r))
+
+
+def tuning_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    return (r["dataset"], r["horizon"], variant_of(r), r["seed"])
+
+
 def save_record(path: Path, record: dict[str, Any]) -> None:
     """Append ``record`` (replacing one with the same key), atomically, under the records
     file's lock (``bench.teachers.save_record`` with this file's key)."""
@@ -128,7 +154,7 @@ def find(path: Path, **key: Any) -> list[dict[str, Any]]:
 def chosen_form(a: argparse.Namespace) -> str | None:
     """The objective's form of lowest validation MSE on ``FORM_CELL`` (any lookback)."""
     runs = find(a.results / CHOICES, dataset=FORM_CELL.dataset, horizon=FORM_CELL.horizon, seed=0)
-    got = {(r["form"], r["lookback"]): r["val_mse"] for r in runs}
+    got = {(r["form"], r["lookback"]): r["val_mse"] for r in runs if variant_of(r) == "default"}
     if any((f, lb) not in got for f in a.forms for lb in a.lookbacks):
         return None
     best: str = min(got, key=got.__getitem__)[0]
@@ -140,10 +166,28 @@ def chosen_lookback(a: argparse.Namespace, c: Cell) -> int | None:
     if form is None:
         return None
     runs = find(a.results / CHOICES, dataset=c.dataset, horizon=c.horizon, seed=0, form=form)
-    got = {r["lookback"]: r["val_mse"] for r in runs}
+    got = {r["lookback"]: r["val_mse"] for r in runs if variant_of(r) == DEFAULT_VARIANT}
     if set(got) != set(a.lookbacks):
         return None
     best: int = min(got, key=got.__getitem__)
+    return best
+
+
+def chosen_variant(a: argparse.Namespace, c: Cell) -> str | None:
+    """The cell's budget: the form's own or one of ``a.variants``, whichever has the lowest
+    validation MSE at the chosen form and lookback (seed 0); None until each is recorded."""
+    form, lookback = chosen_form(a), chosen_lookback(a, c)
+    if form is None or lookback is None:
+        return None
+    runs = find(
+        a.results / CHOICES, dataset=c.dataset, horizon=c.horizon, seed=0, form=form,
+        lookback=lookback,
+    )  # fmt: skip
+    got = {variant_of(r): r["val_mse"] for r in runs}
+    wanted = {DEFAULT_VARIANT, *a.variants}
+    if not wanted <= set(got):
+        return None
+    best: str = min(wanted, key=got.__getitem__)
     return best
 
 
@@ -199,23 +243,20 @@ def distill_one(
     lookback: int,
     form: str,
     model: str = "student",
-    overrides: dict[str, dict[str, Any]] | None = None,
+    variant: str = DEFAULT_VARIANT,
 ) -> dict[str, Any] | None:
     """Distil one student from the cell's ensemble of ``seed``; its record (None: stopped).
 
-    ``overrides``: settings on top of the form's TOML, by table (``train``, ``model``,
-    ``distill``), e.g. ``{"train": {"lr": 0.001}}`` (``bench/student_tuning.py``'s variants).
+    ``variant``: a key of ``VARIANTS`` (settings on top of the form's TOML, by table) or the
+    default; a variant's run has its own folder (``...-student-dropout0.3-...``), shared by the
+    choose stage, the student stage and ``bench/student_tuning.py``.
     """
-    more = overrides or {}
-    unknown = set(more) - {"train", "model", "distill"}
-    if unknown:
-        raise ValueError(
-            f"overrides: unknown table(s) {sorted(unknown)}; use train, model, distill"
-        )
+    more = {} if variant == DEFAULT_VARIANT else VARIANTS[variant]
     ens = ensemble_of(a, c, seed)
     if ens is None:
         raise RuntimeError(f"no teacher ensemble for {c.dataset}-{c.horizon} seed {seed}")
-    out = a.work / f"{c.dataset}-H{c.horizon}-L{lookback}-{model}-{form}-s{seed}"
+    tag = model if variant == DEFAULT_VARIANT else f"{model}-{variant}"
+    out = a.work / f"{c.dataset}-H{c.horizon}-L{lookback}-{tag}-{form}-s{seed}"
     cfg = build_distill_config(
         default_config_path(FORMS[form]),
         data=_data(a, c, lookback),
@@ -255,6 +296,7 @@ def distill_one(
         "device": resolve_device(a.device).type,
         "teachers": [_rel(Path(_path(m))) for m in ens["members"]],
         "budget": {"train": _budget(cfg.run.train), "distill": _distill_budget(cfg.distill)},
+        "variant": variant,
         **({"overrides": more} if more else {}),
         "run": _rel(out),
     }
@@ -385,12 +427,32 @@ def _record(a: argparse.Namespace, record: dict[str, Any] | None) -> bool:
     return True
 
 
-def _choice(a: argparse.Namespace, budget: Budget, c: Cell, lookback: int, form: str) -> bool:
-    record = distill_one(a, budget, c, 0, lookback, form)
+def _student(a: argparse.Namespace, record: dict[str, Any] | None) -> bool:
+    """Record a student run; a record of the same run key in another budget variant (the cell's
+    choice changed) is kept in ``student_tuning.json`` before it is replaced."""
+    if record is None:
+        return False
+    for old in find(a.results / RECORDS, **{k: record[k] for k in ("dataset", "horizon", "model",
+                    "seed", "lookback", "form")}):  # fmt: skip
+        if variant_of(old) != variant_of(record):
+            save_keyed(a.results / TUNING, {**old, "variant": variant_of(old)}, key=tuning_key)
+    return _record(a, record)
+
+
+def _choice(
+    a: argparse.Namespace,
+    budget: Budget,
+    c: Cell,
+    lookback: int,
+    form: str,
+    variant: str = DEFAULT_VARIANT,
+) -> bool:
+    record = distill_one(a, budget, c, 0, lookback, form, variant=variant)
     if record is None:
         return False
     keep = ("dataset", "horizon", "lookback", "seed", "form", "val_mse", "epochs", "best_epoch")
-    save_record(a.results / CHOICES, {**{k: record[k] for k in keep}, "model": "student"})
+    choice = {**{k: record[k] for k in keep}, "model": "student", "variant": variant}
+    save_keyed(a.results / CHOICES, choice, key=choice_key)
     return True
 
 
@@ -407,21 +469,49 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:  # noqa: C90
                         continue
                     for lb in a.lookbacks:
                         key = {"dataset": c.dataset, "horizon": c.horizon, "seed": 0}
-                        if not find(a.results / CHOICES, **key, lookback=lb, form=f):
+                        got = find(a.results / CHOICES, **key, lookback=lb, form=f)
+                        if not any(variant_of(r) == DEFAULT_VARIANT for r in got):
                             yield Task(
                                 stage,
                                 f"{c.dataset}-{c.horizon} L{lb} {f}",
                                 lambda c=c, lb=lb, f=f: _choice(a, budget, c, lb, f),
                             )
+                lookback = chosen_lookback(a, c)  # then the budget, at the chosen lookback
+                if form is None or lookback is None or ensemble_of(a, c, 0) is None:
+                    continue
+                key = {"dataset": c.dataset, "horizon": c.horizon, "seed": 0, "form": form}
+                done = {variant_of(r) for r in find(a.results / CHOICES, **key, lookback=lookback)}
+                for v in a.variants:
+                    if v not in done:
+                        yield Task(
+                            stage,
+                            f"{c.dataset}-{c.horizon} L{lookback} {form} {v}",
+                            lambda c=c, lb=lookback, v=v: _choice(a, budget, c, lb, form, v),
+                        )
                 continue
             lookback = chosen_lookback(a, c)
             for seed in a.seeds:
                 key = {"dataset": c.dataset, "horizon": c.horizon, "seed": seed}
-                if stage in ("student", "ablation"):
+                if stage == "student":
+                    variant = chosen_variant(a, c)
+                    if variant is None or lookback is None or form is None:
+                        continue
+                    if ensemble_of(a, c, seed) is None:
+                        continue
+                    got = find(a.results / RECORDS, **key, model="student")
+                    if not any(variant_of(r) == variant for r in got):
+                        yield Task(
+                            stage,
+                            f"student {c.dataset}-{c.horizon} s{seed}"
+                            + ("" if variant == DEFAULT_VARIANT else f" {variant}"),
+                            lambda c=c, s=seed, lb=lookback, v=variant: _student(
+                                a, distill_one(a, budget, c, s, lb, form, "student", v)
+                            ),
+                        )
+                elif stage == "ablation":  # at the form's own budget
                     if lookback is None or form is None or ensemble_of(a, c, seed) is None:
                         continue
-                    models = ["student"] if stage == "student" else list(a.ablations)
-                    for m in models:
+                    for m in a.ablations:
                         if not _done(a, **key, model=m):
                             yield Task(
                                 stage,
@@ -496,17 +586,18 @@ def bundle_family(a: argparse.Namespace, budget: Budget, c: Cell, registry: Path
     from training.pipeline import Pipeline, PipelineConfig, Teacher, load_export, save_manifest
 
     form, lookback, ens = chosen_form(a), chosen_lookback(a, c), ensemble_of(a, c, a.seed)
-    if form is None or lookback is None or ens is None:
+    variant = chosen_variant(a, c)
+    if form is None or lookback is None or variant is None or ens is None:
         raise RuntimeError(
             f"{c.dataset}-{c.horizon}: the student's choices and the seed-{a.seed} teacher "
             "ensemble must be recorded first (python bench/students.py status)"
         )
-    record = distill_one(a, budget, c, a.seed, lookback, form)
+    record = distill_one(a, budget, c, a.seed, lookback, form, variant=variant)
     if record is None:
         return None
     key = {"dataset": c.dataset, "horizon": c.horizon, "seed": a.seed, "model": "student"}
-    if not _done(a, **key):
-        _record(a, record)
+    if not any(variant_of(r) == variant for r in find(a.results / RECORDS, **key)):
+        _student(a, record)
     student_dir = REPO / record["run"]
     data_cfg = {"dataset": c.dataset, "data_dir": str(a.bundle_data), "horizon": c.horizon}
     pipe = Pipeline(
@@ -625,8 +716,8 @@ def write_report(results: Path = RESULTS) -> int:
         "Reproduce: `python bench/students.py run` (after `python bench/teachers.py run` has the",
         'cells\' ensembles; the peers need `pip install -c requirements.lock -e ".[peers]"`), then',
         "`python bench/students.py report`. Test MSE (z-scored, every test window), mean ± sample",
-        "std over seeds (count in brackets); lookback and the objective's form chosen on",
-        "validation (below). A difference smaller than the spread is not a win.",
+        "std over seeds (count in brackets); the objective's form, the lookback and the budget",
+        "variant chosen on validation (below). A difference smaller than the spread is not a win.",
         "",
         "| cell | " + " | ".join(MAIN_ROWS) + " | " + " | ".join(PUBLISHED) + " |",
         "|---|" + "---|" * (len(MAIN_ROWS) + len(PUBLISHED)),
@@ -648,12 +739,23 @@ def write_report(results: Path = RESULTS) -> int:
             )
         lines.append(f"| {c.dataset}-{c.horizon} | " + " | ".join(diffs) + " |")
     lines += ["", "## Ablations (test MSE)", ""]
+    lines += [
+        "At the form's own budget (variant `default`): the `student` column is that budget's "
+        "student, from `student_tuning.json` where the cell's choice moved its rows there.",
+        "",
+    ]
     abl = ("student", *ABLATIONS)
     lines += ["| cell | " + " | ".join(abl) + " |", "|---|" + "---|" * len(abl)]
+    default = {  # (dataset, horizon, seed) -> the default-budget student's record
+        (r["dataset"], r["horizon"], r["seed"]): r
+        for r in [*load_records(results / TUNING), *records]
+        if r["model"] == "student" and variant_of(r) == DEFAULT_VARIANT
+    }
     for c in ABLATION_CELLS:
+        base = [r["mse"] for k, r in sorted(default.items()) if k[:2] == (c.dataset, c.horizon)]
         lines.append(
-            f"| {c.dataset}-{c.horizon} | "
-            + " | ".join(_fmt(_by(records, c, m)) for m in abl)
+            f"| {c.dataset}-{c.horizon} | {_fmt(base)} | "
+            + " | ".join(_fmt(_by(records, c, m)) for m in ABLATIONS)
             + " |"
         )
     lines += ["", "## Speed and size", ""]
@@ -682,11 +784,21 @@ def write_report(results: Path = RESULTS) -> int:
                     f"{', '.join(where) if m != 'ensemble' else 'see teachers.json'} |"
                 )
     lines += ["", "## Choices (validation MSE, seed 0)", ""]
-    lines += ["| cell | form | lookback | val MSE |", "|---|---|---|---|"]
-    for r in sorted(choices, key=lambda r: (r["dataset"], r["horizon"], r["form"], r["lookback"])):
+    lines += [
+        "The form on ETTh1-96, then each cell's lookback in that form, then its budget variant "
+        "at that lookback (`default`: the form's own; `bench/student_tuning.md`).",
+        "",
+        "| cell | form | lookback | variant | val MSE |",
+        "|---|---|---|---|---|",
+    ]
+    order = sorted(
+        choices,
+        key=lambda r: (r["dataset"], r["horizon"], r["form"], r["lookback"], variant_of(r)),
+    )
+    for r in order:
         lines.append(
             f"| {r['dataset']}-{r['horizon']} | {r['form']} | {r['lookback']} "
-            f"| {r['val_mse']:.4f} |"
+            f"| {variant_of(r)} | {r['val_mse']:.4f} |"
         )
     (results / "students.md").write_text("\n".join(lines) + "\n")
     log.info("wrote %s", results / "students.md")
@@ -800,6 +912,13 @@ def main(argv: list[str] | None = None) -> int:
             "--lookbacks", type=lambda t: tuple(int(x) for x in t.split(",")), default=LOOKBACKS
         )
         q.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
+        q.add_argument(
+            "--variants",
+            type=lambda t: tuple(v for v in t.split(",") if v),
+            default=CHOICE_VARIANTS,
+            help="budget variants the choose stage weighs against the form's own (validation, "
+            f"seed 0; '' for none; default {','.join(CHOICE_VARIANTS)}; of {', '.join(VARIANTS)})",
+        )
         q.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where the models train")
         q.add_argument("--work", type=Path, default=WORK)
         q.add_argument("--threads", type=int, default=2)
@@ -844,6 +963,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in a.ablations:
             if n not in ABLATIONS:
                 p.error(f"--ablations: unknown variant {n!r}; choose from {', '.join(ABLATIONS)}")
+    if a.command in ("run", "bundle"):
+        for v in a.variants:
+            if v not in VARIANTS:
+                p.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if a.command in ("run", "bundle") and a.teacher_results is None:
         a.teacher_results = a.results / TEACHER_RECORDS
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -192,6 +192,7 @@ def student_jobs(a: argparse.Namespace) -> list[Job]:
         teacher_results=a.results / T.RECORDS,
         forms=tuple(S.FORMS),
         lookbacks=S.LOOKBACKS,
+        variants=S.CHOICE_VARIANTS,
     )
     form = S.chosen_form(ns)
     students, choices = a.results / S.RECORDS, a.results / S.CHOICES
@@ -199,11 +200,17 @@ def student_jobs(a: argparse.Namespace) -> list[Job]:
 
     def job(name: str, stage: str, args: list[str], priority: int, **key: Any) -> None:
         path = choices if stage == "choose" else students
-        if S.find(path, **key):
+        variant = key.pop("variant", None)  # a record without one is the default budget's
+
+        def done() -> bool:
+            got = S.find(path, **key)
+            return any(variant is None or S.variant_of(r) == variant for r in got)
+
+        if done():
             return
         jobs.append(
-            Job(name, stage, ["--stages", stage, *args], lambda: bool(S.find(path, **key)),
-                priority=priority, script="students.py")
+            Job(name, stage, ["--stages", stage, *args], done, priority=priority,
+                script="students.py")
         )  # fmt: skip
 
     for horizon in a.student_horizons:
@@ -216,9 +223,17 @@ def student_jobs(a: argparse.Namespace) -> list[Job]:
                 for f in forms:
                     for lb in S.LOOKBACKS:
                         job(f"choose {dataset}-{horizon} L{lb} {f}", "choose",
-                            [*where, "--seeds", "0", "--lookbacks", str(lb), "--forms", f],
-                            5, **cell, seed=0, lookback=lb, form=f)  # fmt: skip
+                            [*where, "--seeds", "0", "--lookbacks", str(lb), "--forms", f,
+                             "--variants", ""],
+                            5, **cell, seed=0, lookback=lb, form=f,
+                            variant=S.DEFAULT_VARIANT)  # fmt: skip
             lookback = S.chosen_lookback(ns, c)
+            if lookback is not None and form is not None:  # then the budget, at that lookback
+                for v in S.CHOICE_VARIANTS:
+                    job(f"choose {dataset}-{horizon} L{lookback} {form} {v}", "choose",
+                        [*where, "--seeds", "0", "--forms", form, "--variants", v],
+                        5, **cell, seed=0, lookback=lookback, form=form, variant=v)  # fmt: skip
+            variant = S.chosen_variant(ns, c)
             for seed in a.seeds:
                 ens = S.ensemble_of(ns, c, seed)
                 one = [*where, "--seeds", str(seed)]
@@ -231,8 +246,9 @@ def student_jobs(a: argparse.Namespace) -> list[Job]:
                     **cell, seed=seed, model="mlp")  # fmt: skip
                 if ens is None:
                     continue
-                job(f"student {dataset}-{horizon} s{seed}", "student", one, 12,
-                    **cell, seed=seed, model="student")  # fmt: skip
+                if variant is not None:
+                    job(f"student {dataset}-{horizon} s{seed}", "student", one, 12,
+                        **cell, seed=seed, model="student", variant=variant)  # fmt: skip
                 if c in S.ABLATION_CELLS:
                     for m in S.ABLATIONS:
                         job(f"{m} {dataset}-{horizon} s{seed}", "ablation",

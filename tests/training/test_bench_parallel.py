@@ -114,17 +114,33 @@ def test_the_students_are_planned_as_their_choices_and_teachers_land(tmp_path: P
     (tmp_path / S.CHOICES).write_text(json.dumps(choices))
     names = {j.name for j in P.student_jobs(a)}
     # The authors' form won: ETTh2-96 chooses its lookback in that form; ETTh1-96 (L=336 won)
-    # runs its students where a seed has its ensemble, its plain MLPs for every seed and its
-    # ablations (the authors' loss among them: it starts from our form, S.ABLATION_BASE).
+    # weighs its budget variants at that lookback, and runs its plain MLPs for every seed and its
+    # ablations (the authors' loss among them: it starts from our form, S.ABLATION_BASE); its
+    # students wait on the budget.
     assert {n for n in names if n.startswith("choose")} == {
         "choose ETTh2-96 L336 authors", "choose ETTh2-96 L720 authors",
+        *(f"choose ETTh1-96 L336 authors {v}" for v in S.CHOICE_VARIANTS),
     }  # fmt: skip
-    assert {n for n in names if n.startswith("student ")} == {
-        "student ETTh1-96 s0", "student ETTh1-96 s1",
-    }  # fmt: skip
+    assert not {n for n in names if n.startswith("student ")}
     assert {n for n in names if n.startswith("mlp")} == {f"mlp ETTh1-96 s{s}" for s in (0, 1, 2)}
     ablations = {n for n in names if n.startswith("student-")}
     assert ablations == {f"{m} ETTh1-96 s{s}" for m in S.ABLATIONS for s in (0, 1)}
+    job = next(j for j in P.student_jobs(a) if j.name.startswith("choose ETTh1-96 L336 authors "))
+    assert job.args == ["--stages", "choose", "--datasets", "ETTh1", "--horizons", "96",
+                        "--seeds", "0", "--forms", "authors", "--variants",
+                        S.CHOICE_VARIANTS[0]]  # fmt: skip
+    # The default budget wins on validation: ETTh1-96's students run where a seed has its
+    # ensemble. A student recorded in another variant does not count as done.
+    budgets = [{**_choice(336, "authors", 0.70), "variant": v} for v in S.CHOICE_VARIANTS]
+    (tmp_path / S.CHOICES).write_text(json.dumps(choices + budgets))
+    (tmp_path / S.RECORDS).write_text(json.dumps([{
+        "dataset": "ETTh1", "horizon": 96, "model": "student", "seed": 0, "lookback": 336,
+        "form": "authors", "variant": S.CHOICE_VARIANTS[0], "mse": 0.4,
+    }]))  # fmt: skip
+    names = {j.name for j in P.student_jobs(a)}
+    assert {n for n in names if n.startswith("student ")} == {
+        "student ETTh1-96 s0", "student ETTh1-96 s1",
+    }  # fmt: skip
     job = next(j for j in P.student_jobs(a) if j.name == "student ETTh1-96 s1")
     assert job.args == ["--stages", "student", "--datasets", "ETTh1", "--horizons", "96",
                         "--seeds", "1"]  # fmt: skip

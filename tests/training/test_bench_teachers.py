@@ -123,12 +123,19 @@ def test_students_use_the_lookback_and_form_chosen_on_validation_and_every_seed_
     from bench import students as sbench
 
     results, _ = students
-    choices = json.loads((results / "student_choices.json").read_text())
+    every = json.loads((results / "student_choices.json").read_text())
+    choices = [c for c in every if sbench.variant_of(c) == "default"]
     assert sorted((c["form"], c["lookback"]) for c in choices) == [
         ("authors", 336), ("authors", 720), ("ours", 336), ("ours", 720),
     ]  # fmt: skip
-    assert all("mse" not in c and "mae" not in c for c in choices)  # validation only
+    assert all("mse" not in c and "mae" not in c for c in every)  # validation only
     best = min(choices, key=lambda c: c["val_mse"])
+    # then the budget, at the chosen form and lookback: the default against each variant
+    budgets = [c for c in every if (c["form"], c["lookback"]) == (best["form"], best["lookback"])]
+    assert sorted(sbench.variant_of(c) for c in budgets) == sorted(
+        ["default", *sbench.CHOICE_VARIANTS]
+    )
+    variant = sbench.variant_of(min(budgets, key=lambda c: c["val_mse"]))
     records = json.loads((results / "students.json").read_text())
     for r in records:
         assert set(sbench.RECORD_FIELDS) <= set(r)
@@ -137,13 +144,17 @@ def test_students_use_the_lookback_and_form_chosen_on_validation_and_every_seed_
     assert sorted(by) == sorted(
         (m, s) for m in ("student", "ensemble", "mlp", *sbench.ABLATIONS) for s in (0, 1)
     )
-    for s in (0, 1):  # each ablation drops one part of the chosen form; the authors' loss goes
-        for m in sbench.ABLATIONS:  # onto ours
+    for s in (0, 1):  # each ablation drops one part of the chosen form (at the form's own
+        for m in sbench.ABLATIONS:  # budget); the authors' loss goes onto ours
             assert by[(m, s)]["form"] == sbench.ABLATION_BASE.get(m, best["form"])
+            assert by[(m, s)]["variant"] == "default"
     assert by[("student-authors-loss", 0)]["budget"]["distill"]["kl_reduction"] == "mean"
     for s in (0, 1):
         student = by[("student", s)]
         assert (student["form"], student["lookback"]) == (best["form"], best["lookback"])
+        assert student["variant"] == variant
+        if variant != "default":
+            assert student["overrides"] == sbench.VARIANTS[variant]
         assert by[("mlp", s)]["lookback"] == best["lookback"]  # the plain MLP sees what it sees
         # the ensemble row is the teachers' record of the same seed, not a re-measurement
         teacher = next(
@@ -232,12 +243,12 @@ def test_student_tuning_distils_each_variant_like_the_student_and_chooses_on_val
     assert json.loads((results / tuning.RECORDS).read_text()) == records
     assert tuning.main(["report", "--results", str(results)]) == 0
     rows = [ln for ln in (results / tuning.REPORT).read_text().splitlines() if "ETTh1-96" in ln]
-    assert len(rows) == 3
-    val = {"student": student["val_mse"], **{v: r["val_mse"] for v, r in by.items()}}
-    best = min(val, key=val.__getitem__)
-    assert [ln for ln in rows if "**chosen**" in ln] == [
-        next(ln for ln in rows if ln.startswith(f"| ETTh1-96 | {best}"))
-    ]
+    variants = {"dropout0.3", "lr1e-3", student["variant"]}
+    assert sorted(ln.split(" | ")[1].split(" ")[0] for ln in rows) == sorted(variants)
+    # the row the cell's students are: its validation MSE is seed 0's, as the choice saw it
+    in_use = [ln for ln in rows if "**in use**" in ln]
+    assert len(in_use) == 1 and in_use[0].startswith(f"| ETTh1-96 | {student['variant']} ")
+    assert f"| {student['val_mse']:.4f} |" in in_use[0]
     with pytest.raises(SystemExit):
         tuning.main(["run", "--cells", "ETTh1-96", "--variants", "bogus", *common])
     assert "unknown variant 'bogus'" in capsys.readouterr().err
