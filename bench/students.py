@@ -184,11 +184,39 @@ def chosen_variant(a: argparse.Namespace, c: Cell) -> str | None:
         lookback=lookback,
     )  # fmt: skip
     got = {variant_of(r): r["val_mse"] for r in runs}
+    # The default's reference is its seed-0 student where one is recorded: trained on the
+    # teachers and the device the variants train on (a lookback choice may predate a teacher
+    # retrain, or have run on a GPU, where the same seed gives another run).
+    base = _recorded(a, c, 0, lookback, form, DEFAULT_VARIANT)
+    if base is not None:
+        got[DEFAULT_VARIANT] = base["val_mse"]
     wanted = {DEFAULT_VARIANT, *a.variants}
     if not wanted <= set(got):
         return None
     best: str = min(wanted, key=got.__getitem__)
     return best
+
+
+def _recorded(
+    a: argparse.Namespace, c: Cell, seed: int, lookback: int, form: str, variant: str
+) -> dict[str, Any] | None:
+    """A finished student run of this cell, seed, lookback, form and budget variant, distilled
+    from the seed's current ensemble members: its ``students.json`` or ``student_tuning.json``
+    record (the tuning bench and displaced choices keep theirs there), as a ``student`` row."""
+    ens = ensemble_of(a, c, seed)
+    if ens is None:
+        return None
+    members = [_rel(Path(_path(m))) for m in ens["members"]]
+    key = {"dataset": c.dataset, "horizon": c.horizon, "seed": seed, "lookback": lookback}
+    for path in (a.results / RECORDS, a.results / TUNING):
+        for r in find(path, **key, form=form):
+            if (
+                r["model"] in ("student", f"student-{variant}")
+                and variant_of(r) == variant
+                and r.get("teachers") == members
+            ):
+                return {**r, "model": "student", "variant": variant}
+    return None
 
 
 def ensemble_of(a: argparse.Namespace, c: Cell, seed: int) -> dict[str, Any] | None:
@@ -505,7 +533,9 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:  # noqa: C90
                             f"student {c.dataset}-{c.horizon} s{seed}"
                             + ("" if variant == DEFAULT_VARIANT else f" {variant}"),
                             lambda c=c, s=seed, lb=lookback, v=variant: _student(
-                                a, distill_one(a, budget, c, s, lb, form, "student", v)
+                                a,
+                                _recorded(a, c, s, lb, form, v)  # run already: no retraining
+                                or distill_one(a, budget, c, s, lb, form, "student", v),
                             ),
                         )
                 elif stage == "ablation":  # at the form's own budget

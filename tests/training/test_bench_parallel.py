@@ -177,3 +177,52 @@ def test_a_crashed_job_fails_the_invocation_and_names_its_log(tmp_path: Path) ->
     assert P.main(argv) == 1
     log = (tmp_path / "logs" / "pretrain_himtm_ETTh1.log").read_text()
     assert "no-such-folder" in log
+
+
+def test_the_budget_is_weighed_against_the_default_student_on_the_current_teachers(
+    tmp_path: Path,
+) -> None:
+    """A lookback choice recorded before its teachers were retrained (or on another device) is
+    not the default's reference: the seed-0 default student distilled from the current members
+    is; and a student run already recorded (by the tuning bench, or displaced by an earlier
+    choice) is taken back instead of retrained."""
+    a = argparse.Namespace(
+        results=tmp_path, teacher_results=tmp_path / T.RECORDS, forms=tuple(S.FORMS),
+        lookbacks=S.LOOKBACKS, variants=("dropout0.3",), datasets=("ETTh1",), horizons=(96,),
+        seeds=(0, 1), stages=("student",), ablations=(), peers=(), all_forms=False,
+        time_limit=None,
+    )  # fmt: skip
+    members = ["bench/checkpoints/x-s0", "bench/checkpoints/y-s0"]
+    teachers = [{**_ensemble("ETTh1", 96, s), "members": members} for s in (0, 1)]
+    (tmp_path / T.RECORDS).write_text(json.dumps(teachers))
+    choices = [
+        _choice(336, "authors", 0.70), _choice(720, "authors", 0.72),
+        _choice(336, "ours", 0.71), _choice(720, "ours", 0.73),
+        {**_choice(336, "authors", 0.69), "variant": "dropout0.3"},
+    ]  # fmt: skip
+    (tmp_path / S.CHOICES).write_text(json.dumps(choices))
+    c = T.Cell("ETTh1", 96)
+    assert S.chosen_variant(a, c) == "dropout0.3"  # against the choice record alone
+
+    def student(seed: int, variant: str, val: float, who: list[str]) -> dict[str, object]:
+        return {
+            "dataset": "ETTh1", "horizon": 96, "lookback": 336, "model": "student",
+            "seed": seed, "form": "authors", "variant": variant, "val_mse": val, "mse": val / 2,
+            "teachers": who,
+        }  # fmt: skip
+
+    # a default student from teachers since replaced does not count; one from these does
+    (tmp_path / S.TUNING).write_text(json.dumps([student(0, "default", 0.60, ["old"])]))
+    assert S.chosen_variant(a, c) == "dropout0.3"
+    (tmp_path / S.TUNING).write_text(
+        json.dumps([student(0, "default", 0.68, members), student(1, "default", 0.66, members)])
+    )
+    assert S.chosen_variant(a, c) == "default"
+    # the student stage takes both seeds back from the tuning records: nothing trains
+    tasks = list(S.tasks(a, T.Budget(None)))
+    assert [t.label for t in tasks] == ["student ETTh1-96 s0", "student ETTh1-96 s1"]
+    assert S.cmd_run(a) == 0
+    rows = json.loads((tmp_path / S.RECORDS).read_text())
+    assert sorted((r["seed"], r["variant"], r["val_mse"]) for r in rows) == [
+        (0, "default", 0.68), (1, "default", 0.66),
+    ]  # fmt: skip
