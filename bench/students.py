@@ -475,7 +475,9 @@ def _choice(
     form: str,
     variant: str = DEFAULT_VARIANT,
 ) -> bool:
-    record = distill_one(a, budget, c, 0, lookback, form, variant=variant)
+    record = _recorded(a, c, 0, lookback, form, variant) or distill_one(
+        a, budget, c, 0, lookback, form, variant=variant
+    )
     if record is None:
         return False
     keep = ("dataset", "horizon", "lookback", "seed", "form", "val_mse", "epochs", "best_epoch")

@@ -200,16 +200,24 @@ def test_the_budget_is_weighed_against_the_default_student_on_the_current_teache
         _choice(336, "ours", 0.71), _choice(720, "ours", 0.73),
         {**_choice(336, "authors", 0.69), "variant": "dropout0.3"},
     ]  # fmt: skip
-    (tmp_path / S.CHOICES).write_text(json.dumps(choices))
+    (tmp_path / S.CHOICES).write_text(json.dumps(choices[:-1]))
     c = T.Cell("ETTh1", 96)
-    assert S.chosen_variant(a, c) == "dropout0.3"  # against the choice record alone
+    assert S.chosen_variant(a, c) is None  # the variant's run is missing
 
     def student(seed: int, variant: str, val: float, who: list[str]) -> dict[str, object]:
         return {
             "dataset": "ETTh1", "horizon": 96, "lookback": 336, "model": "student",
             "seed": seed, "form": "authors", "variant": variant, "val_mse": val, "mse": val / 2,
-            "teachers": who,
+            "teachers": who, "epochs": 4, "best_epoch": 2,
         }  # fmt: skip
+
+    # the choose stage takes the tuning bench's run of it (these members do not exist: nothing
+    # could train)
+    (tmp_path / S.TUNING).write_text(json.dumps([student(0, "dropout0.3", 0.69, members)]))
+    assert S.cmd_run(argparse.Namespace(**{**vars(a), "stages": ("choose",)})) == 0
+    got = json.loads((tmp_path / S.CHOICES).read_text())
+    assert [r for r in got if r not in choices] == [{**choices[-1], "epochs": 4, "best_epoch": 2}]
+    assert S.chosen_variant(a, c) == "dropout0.3"  # against the choice record alone
 
     # a default student from teachers since replaced does not count; one from these does
     (tmp_path / S.TUNING).write_text(json.dumps([student(0, "default", 0.60, ["old"])]))
