@@ -11,18 +11,24 @@ Stages, in priority order:
   authors' (``distill.toml``, the default since validation chose it: per-channel BatchNorm,
   mean-reduced period KL, unnormalised rFFT, their optimiser schedule), each at both lookbacks.
   Validation-only records go to ``bench/results/student_choices.json``; every later run uses the
-  choice, and the seed-0 run of the choice is the seed-0 student (the same folder). With
+  choice, and the seed-0 run of the choice is the seed-0 student (the same folder). Then, at
+  the chosen lookback, the student's budget: the form's own (``default``) or a ``--variants``
+  variant (``VARIANTS``: dropout 0.3), whichever has the lower validation MSE on seed 0; the
+  default's reference is the seed-0 student distilled from the current teachers. With
   ``--all-forms`` the stage runs every ``--forms`` form in every cell too, for the record (a
   cell's form still follows ETTh1-96's choice);
-* ``student``: the chosen student per cell and seed;
+* ``student``: the chosen student per cell and seed (a run already recorded, e.g. by
+  ``bench/student_tuning.py``, is taken back rather than retrained; a record the choice displaces
+  moves to ``student_tuning.json``);
 * ``ensemble``: the teacher ensemble's own record, copied from ``teachers.json`` (lookback 336);
 * ``mlp``: the plain ``mlp`` (no teacher, ``training/configs/mlp.toml``) at the student's lookback;
 * ``peers``: neuralforecast's DLinear and PatchTST, run here on the same split at lookback 336,
   every test window (``bench/peers.py``; needs the ``peers`` extra);
-* ``ablation``: on ETTh1-96 and ETTh1-336, the student without its feature terms, without the
-  period terms, without the multi-scale terms, and with the authors' loss form (period KL
-  mean-reduced over (row, frequency) and the unnormalised rFFT) on our student and schedule
-  (``distill-ours.toml`` with their loss: the full student, in the authors' form, has it already).
+* ``ablation``: on ETTh1-96 and ETTh1-336, at the form's own budget, the student without its
+  feature terms, without the period terms, without the multi-scale terms, and with the authors'
+  loss form (period KL mean-reduced over (row, frequency) and the unnormalised rFFT) on our
+  student and schedule (``distill-ours.toml`` with their loss: the full student, in the
+  authors' form, has it already).
 
 Each finished run appends one record to ``bench/results/students.json``:
 ``{"dataset","horizon","lookback","model","seed","mse","mae","params","train_seconds"}`` plus its
@@ -154,7 +160,9 @@ def find(path: Path, **key: Any) -> list[dict[str, Any]]:
 def chosen_form(a: argparse.Namespace) -> str | None:
     """The objective's form of lowest validation MSE on ``FORM_CELL`` (any lookback)."""
     runs = find(a.results / CHOICES, dataset=FORM_CELL.dataset, horizon=FORM_CELL.horizon, seed=0)
-    got = {(r["form"], r["lookback"]): r["val_mse"] for r in runs if variant_of(r) == "default"}
+    got = {
+        (r["form"], r["lookback"]): r["val_mse"] for r in runs if variant_of(r) == DEFAULT_VARIANT
+    }
     if any((f, lb) not in got for f in a.forms for lb in a.lookbacks):
         return None
     best: str = min(got, key=got.__getitem__)[0]
@@ -818,7 +826,10 @@ def write_report(results: Path = RESULTS) -> int:
     lines += ["", "## Choices (validation MSE, seed 0)", ""]
     lines += [
         "The form on ETTh1-96, then each cell's lookback in that form, then its budget variant "
-        "at that lookback (`default`: the form's own; `bench/student_tuning.md`).",
+        "at that lookback (`default`: the form's own). The budget is weighed against the seed-0 "
+        "default student distilled from the current teachers (`bench/student_tuning.md`, "
+        "column `val MSE (seed 0)`); where the teachers were retrained after the lookback "
+        "choice, or the choice ran on a GPU, that run differs from the row below.",
         "",
         "| cell | form | lookback | variant | val MSE |",
         "|---|---|---|---|---|",
