@@ -13,8 +13,9 @@ Stages, in priority order:
   Validation-only records go to ``bench/results/student_choices.json``; every later run uses the
   choice, and the seed-0 run of the choice is the seed-0 student (the same folder). Then, at
   the chosen lookback, the student's budget: the form's own (``default``) or a ``--variants``
-  variant (``VARIANTS``: dropout 0.3), whichever has the lower validation MSE on seed 0; the
-  default's reference is the seed-0 student distilled from the current teachers. With
+  variant (``VARIANTS``: dropout 0.3, or a 128-unit hidden layer instead of 512), whichever has
+  the lowest validation MSE on seed 0; the default's reference is the seed-0 student distilled
+  from the current teachers. With
   ``--all-forms`` the stage runs every ``--forms`` form in every cell too, for the record (a
   cell's form still follows ETTh1-96's choice);
 * ``student``: the chosen student per cell and seed (a run already recorded, e.g. by
@@ -110,7 +111,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "lr1e-3": {"train": {"lr": 0.001}},
     "hidden128": {"model": {"hidden": 128}},
 }
-CHOICE_VARIANTS = ("dropout0.3",)
+CHOICE_VARIANTS = ("dropout0.3", "hidden128")
 TUNING = "student_tuning.json"
 PEER_NAMES = ("nf-dlinear", "nf-patchtst")
 RECORD_FIELDS = (
