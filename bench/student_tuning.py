@@ -1,18 +1,19 @@
-"""Does the student's long-horizon gap close with a different budget? Chosen on validation.
+"""The student's budget variants, run for the record: validation and test MSE side by side.
 
 ``bench/students.py`` trains the student with the authors' settings (``training/configs/
-distill.toml``: Adam lr 0.01 halved every epoch, no dropout, hidden 512). At the long horizons
-its best validation epoch comes early (epochs 1-3 on ETTh2-720) and it trails its teacher
-ensemble. This bench distils the same student (same cell, seed, lookback and form as the
-``student`` stage chose) with one setting changed per variant, and keeps a variant only where it
-lowers the **validation** MSE against the recorded student of the same seed; test MSE is recorded
-beside it for the report, never used to choose.
+distill.toml``: Adam lr 0.01 halved every epoch, no dropout, hidden 512) unless its ``choose``
+stage picks one of ``CHOICE_VARIANTS`` (dropout 0.3, 128 hidden units) on seed 0's validation
+MSE. This bench distils the same student (same cell, seed, lookback and form as the ``student``
+stage chose) with one setting of ``VARIANTS`` changed, for any variant and seed: the ones beyond
+the choice (lr 1e-3) and further seeds of a variant. The choose and student stages take these
+runs back instead of retraining them. Test MSE is recorded for the report, never used to choose.
 
-    python bench/student_tuning.py run --cells ETTh1-720,ETTh2-720 --variants lr1e-3,dropout0.3
+    python bench/student_tuning.py run --cells ETTh1-720,ETTh2-720 --variants lr1e-3
     python bench/student_tuning.py report     # bench/results/student_tuning.md
 
 Records (one per cell x variant x seed) go to ``bench/results/student_tuning.json``: the
-``students.json`` fields plus ``variant``, ``val_mse`` and the overrides. Runs resume from their
+``students.json`` fields plus ``variant``, ``val_mse`` and the overrides; the default-budget
+runs a later choice displaced from ``students.json`` are kept there too. Runs resume from their
 folder under ``runs/students``; a run with a record is skipped.
 """
 
