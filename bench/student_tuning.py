@@ -158,21 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--cells", type=lambda t: [_cell(x) for x in t.split(",")], required=True)
     r.add_argument("--variants", type=lambda t: t.split(","), default=list(VARIANTS))
     r.add_argument("--seeds", type=lambda t: [int(s) for s in t.split(",")], default=[0])
-    r.add_argument(
-        "--lookbacks",
-        type=lambda t: tuple(int(x) for x in t.split(",")),
-        default=students.LOOKBACKS,
-    )
-    r.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(students.FORMS))
-    r.add_argument("--data-dir", type=Path, default=students.DATA_DIR)
-    r.add_argument("--work", type=Path, default=students.WORK)
-    r.add_argument("--threads", type=int, default=2)
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--time-limit", type=float, default=None, help="seconds for this invocation")
-    r.add_argument("--no-progress", action="store_true")
-    r.add_argument("--results", type=Path, default=RESULTS)
-    r.add_argument("--teacher-results", type=Path, default=None)
-    r.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
+    students.add_distill_options(r)
     r.set_defaults(handler=run)
     rep = sub.add_parser("report", help=f"bench/results/{REPORT}")
     rep.add_argument("--results", type=Path, default=RESULTS)

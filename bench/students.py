@@ -464,6 +464,14 @@ def _record(a: argparse.Namespace, record: dict[str, Any] | None) -> bool:
     return True
 
 
+def _has_student(a: argparse.Namespace, c: Cell, seed: int, variant: str) -> bool:
+    """Whether ``students.json`` holds the cell's student of ``seed`` in budget ``variant``."""
+    got = find(
+        a.results / RECORDS, dataset=c.dataset, horizon=c.horizon, seed=seed, model="student"
+    )
+    return any(variant_of(r) == variant for r in got)
+
+
 def _student(a: argparse.Namespace, record: dict[str, Any] | None) -> bool:
     """Record a student run; a record of the same run key in another budget variant (the cell's
     choice changed) is kept in ``student_tuning.json`` before it is replaced."""
@@ -537,8 +545,7 @@ def tasks(a: argparse.Namespace, budget: Budget) -> Iterator[Task]:  # noqa: C90
                         continue
                     if ensemble_of(a, c, seed) is None:
                         continue
-                    got = find(a.results / RECORDS, **key, model="student")
-                    if not any(variant_of(r) == variant for r in got):
+                    if not _has_student(a, c, seed, variant):
                         yield Task(
                             stage,
                             f"student {c.dataset}-{c.horizon} s{seed}"
@@ -636,8 +643,7 @@ def bundle_family(a: argparse.Namespace, budget: Budget, c: Cell, registry: Path
     record = distill_one(a, budget, c, a.seed, lookback, form, variant=variant)
     if record is None:
         return None
-    key = {"dataset": c.dataset, "horizon": c.horizon, "seed": a.seed, "model": "student"}
-    if not any(variant_of(r) == variant for r in find(a.results / RECORDS, **key)):
+    if not _has_student(a, c, a.seed, variant):
         _student(a, record)
     student_dir = REPO / record["run"]
     data_cfg = {"dataset": c.dataset, "data_dir": str(a.bundle_data), "horizon": c.horizon}
@@ -911,6 +917,35 @@ def _is(r: dict[str, Any], c: Cell, model: str) -> bool:
     return (r["dataset"], r["horizon"], r["model"]) == (c.dataset, c.horizon, model)
 
 
+def add_distill_options(q: argparse.ArgumentParser) -> None:
+    """The options every command that distils students takes: the choices' candidates, the
+    data, where runs and records live, and the budget of one invocation (also
+    ``bench/student_tuning.py``'s)."""
+    q.add_argument(
+        "--lookbacks", type=lambda t: tuple(int(x) for x in t.split(",")), default=LOOKBACKS
+    )
+    q.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
+    q.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where the models train")
+    q.add_argument("--work", type=Path, default=WORK)
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument(
+        "--device",
+        default="cpu",
+        help="students and mlp: cpu, cuda, cuda:N or auto (each record says where it "
+        "trained); the peers always train on the CPU",
+    )
+    q.add_argument("--time-limit", type=float, default=None, help="seconds for this invocation")
+    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--results", type=Path, default=RESULTS, help="where the records go")
+    q.add_argument(
+        "--teacher-results",
+        type=Path,
+        default=None,
+        help=f"the teachers' records (default: RESULTS/{TEACHER_RECORDS})",
+    )
+    q.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -953,35 +988,13 @@ def main(argv: list[str] | None = None) -> int:
     for q in (runp, bun):  # what both train from: the choices, the data, where runs live
         q.add_argument("--datasets", type=lambda t: tuple(t.split(",")), default=DATASETS)
         q.add_argument(
-            "--lookbacks", type=lambda t: tuple(int(x) for x in t.split(",")), default=LOOKBACKS
-        )
-        q.add_argument("--forms", type=lambda t: tuple(t.split(",")), default=tuple(FORMS))
-        q.add_argument(
             "--variants",
             type=lambda t: tuple(v for v in t.split(",") if v),
             default=CHOICE_VARIANTS,
             help="budget variants the choose stage weighs against the form's own (validation, "
             f"seed 0; '' for none; default {','.join(CHOICE_VARIANTS)}; of {', '.join(VARIANTS)})",
         )
-        q.add_argument("--data-dir", type=Path, default=DATA_DIR, help="where the models train")
-        q.add_argument("--work", type=Path, default=WORK)
-        q.add_argument("--threads", type=int, default=2)
-        q.add_argument(
-            "--device",
-            default="cpu",
-            help="students and mlp: cpu, cuda, cuda:N or auto (each record says where it "
-            "trained); the peers always train on the CPU",
-        )
-        q.add_argument("--time-limit", type=float, default=None, help="seconds for this invocation")
-        q.add_argument("--no-progress", action="store_true")
-        q.add_argument("--results", type=Path, default=RESULTS, help="where the records go")
-        q.add_argument(
-            "--teacher-results",
-            type=Path,
-            default=None,
-            help=f"the teachers' records (default: RESULTS/{TEACHER_RECORDS})",
-        )
-        q.add_argument("--smoke", action="store_true", help="toy budgets (tests only)")
+        add_distill_options(q)
     rep = sub.add_parser("report", help="bench/results/students.md")
     rep.add_argument("--results", type=Path, default=RESULTS)
     rep.set_defaults(handler=lambda a: write_report(a.results))
